@@ -1,0 +1,1 @@
+"""The Kubeflow pipeline that chains BAGEL's four training stages."""

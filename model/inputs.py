@@ -111,6 +111,10 @@ class PackedSequence:
     # Raw timestep per VAE token before sigmoid and shift: drawn once per noised
     # image (a standard normal), -inf for clean images (sigmoid gives t = 0).
     vae_timestep_logits: torch.Tensor  # float [N_vae]
+    # Per image: seed of the generator that draws its posterior sample and its
+    # flow-matching noise. Derived from the sample, not the rank, so a sample
+    # gets the same noise under any parallel layout and after a resume.
+    vae_noise_seeds: list[int]
 
     # Losses.
     ce_indexes: torch.Tensor  # long [N_ce], positions whose next token is predicted

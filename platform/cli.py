@@ -11,7 +11,7 @@ import logging
 import sys
 from importlib.metadata import entry_points
 
-from bagel.platform.exit_codes import ExitCode
+from bagel.platform.exit_codes import ExitCode, UsageError
 from bagel.platform.log import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -37,8 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     if not hasattr(args, "func"):
         parser.print_help()
-        return ExitCode.USAGE_ERROR if args.command is None and argv else ExitCode.SUCCESS
-    return int(args.func(args) or ExitCode.SUCCESS)
+        return ExitCode.SUCCESS
+    try:
+        return int(args.func(args) or ExitCode.SUCCESS)
+    except UsageError as error:
+        # Bad input is the user's to fix: one clear line, no traceback, and an
+        # exit code that launchers never retry.
+        logger.error("%s", error)
+        return ExitCode.USAGE_ERROR
 
 
 if __name__ == "__main__":

@@ -11,8 +11,20 @@ from here, so a resubmitted job finds what the previous attempt wrote.
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 STAGES = ("alignment", "pretrain", "continued", "sft")
+
+# `bagel run --local` keeps its data, runs and promoted checkpoints under this
+# work directory (relative to the current directory) unless --workdir is given.
+DEFAULT_WORKDIR = "bagel-work"
+# Environment variable naming the default storage root for commands that take --storage.
+DEFAULT_STORAGE_ENV = "BAGEL_STORAGE"
+
+
+def default_storage(workdir: str = DEFAULT_WORKDIR) -> str:
+    """Return the file:// storage root inside a local work directory."""
+    return (Path(workdir).resolve() / "storage").as_uri()
 _RUN_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 

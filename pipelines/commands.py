@@ -1,7 +1,160 @@
-"""`bagel pipeline`, `bagel submit` and `bagel run` commands."""
+"""`bagel pipeline compile`, `bagel submit` and `bagel run --local`."""
 
 import argparse
+import json
+import logging
+import os
+import sys
+
+from bagel.platform.exit_codes import ExitCode
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("alignment", "pretrain", "continued", "sft")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the pipeline commands (not implemented yet)."""
+    """Add the `pipeline`, `submit` and `run` commands."""
+    pipeline = subparsers.add_parser("pipeline", help="build the four-stage Kubeflow pipeline")
+    pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", metavar="COMMAND", required=True)
+    compile_parser = pipeline_commands.add_parser("compile", help="write the pipeline's IR YAML")
+    compile_parser.add_argument("--output", required=True, help="IR YAML file to write")
+    _add_build_options(compile_parser)
+    compile_parser.set_defaults(func=run_compile)
+
+    submit = subparsers.add_parser("submit", help="start a pipeline run on a Kubeflow Pipelines server")
+    submit.add_argument("--host", required=True, help="KFP API server URL, e.g. https://kubeflow.example.com/pipeline")
+    submit.add_argument("--experiment", default="bagel", help="experiment name (created if missing)")
+    submit.add_argument("--namespace", default="kubeflow", help="KFP namespace (multi-user: your profile namespace)")
+    submit.add_argument("--service-account", default="bagel-launcher", help="ServiceAccount of the pipeline's steps")
+    submit.add_argument("--run-display-name", help="display name of the KFP run (default: the run name)")
+    submit.add_argument("--token", default=os.environ.get("KFP_TOKEN"), help="bearer token (default: $KFP_TOKEN)")
+    _add_build_options(submit)
+    _add_run_options(submit)
+    submit.set_defaults(func=run_submit)
+
+    run = subparsers.add_parser("run", help="run the pipeline on this machine with kfp's local runner")
+    run.add_argument("--local", action="store_true", required=True, help="use kfp's local runner (the only mode)")
+    run.add_argument("--pipeline-root", default="./bagel-work/kfp", help="directory of the local runner's outputs")
+    run.add_argument("--nproc-per-node", type=int, default=1, help="torchrun processes of each stage")
+    run.add_argument(
+        "--preempt", metavar="STAGE:STEP", help="stop STAGE with SIGTERM at STEP once, to rehearse a resume"
+    )
+    _add_run_options(run)
+    run.set_defaults(func=run_local)
+
+
+def _add_build_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", help="image of the pipeline steps (default: the training image)")
+    parser.add_argument("--storage-secret", default="bagel-storage", help="Secret with the storage credentials ('' for none)")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run name (DNS-1123 label)")
+    parser.add_argument("--storage", required=True, help="URI root of runs and promoted checkpoints")
+    parser.add_argument("--configs", default="bagel-7b-mot", help="config family (tiny, small, bagel-7b-mot) or a directory of STAGE.yaml")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run, in pipeline order")
+    parser.add_argument("--init-from", default="", help="promoted checkpoint URI the first stage starts from")
+    parser.add_argument("--init-digest", default="", help="digest of --init-from")
+    parser.add_argument("--node-pool", default="", help='JSON node selector of the training pods, e.g. {"pool": "h100"}')
+    parser.add_argument("--job-image", default="", help="training image of the jobs (default: job.image of the configs)")
+    parser.add_argument("overrides", nargs="*", help="KEY=VALUE overrides applied to every stage")
+
+
+def pipeline_arguments(args: argparse.Namespace, backend: str) -> dict:
+    """Return the pipeline's parameter values from the command line; raises ValueError on bad --stages/--node-pool."""
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown or not stages:
+        raise ValueError(f"--stages {args.stages!r} is invalid: use a comma-separated subset of {', '.join(STAGES)}")
+    if args.node_pool:
+        try:
+            selector = json.loads(args.node_pool)
+        except json.JSONDecodeError:
+            selector = None
+        if not isinstance(selector, dict):
+            raise ValueError(f'--node-pool {args.node_pool!r} is invalid: write a JSON object such as {{"pool": "h100"}}')
+    arguments = {
+        "run_name": args.run,
+        "storage": args.storage,
+        "configs": args.configs,
+        "init_from": args.init_from,
+        "init_digest": args.init_digest,
+        "image": args.job_image,
+        "node_pool": args.node_pool,
+        "backend": backend,
+        "overrides": json.dumps(list(args.overrides)) if args.overrides else "",
+    }
+    for stage in STAGES:
+        arguments[f"run_{stage}"] = stage in stages
+    return arguments
+
+
+def _build(args: argparse.Namespace):
+    from bagel.pipelines.components import DEFAULT_IMAGE
+    from bagel.pipelines.pipeline import build_pipeline
+
+    return build_pipeline(args.image or DEFAULT_IMAGE, args.storage_secret)
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    from kfp import compiler
+
+    from bagel.pipelines.pipeline import PIPELINE_NAME
+
+    compiler.Compiler().compile(_build(args), package_path=args.output, pipeline_name=PIPELINE_NAME)
+    print(f"wrote {args.output}")
+    return ExitCode.SUCCESS
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import kfp
+    from kfp import compiler
+
+    from bagel.pipelines.pipeline import PIPELINE_NAME
+
+    try:
+        arguments = pipeline_arguments(args, backend="kubernetes")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return ExitCode.USAGE_ERROR
+    with tempfile.TemporaryDirectory() as directory:
+        package = os.path.join(directory, "bagel-pipeline.yaml")
+        compiler.Compiler().compile(_build(args), package_path=package, pipeline_name=PIPELINE_NAME)
+        client = kfp.Client(host=args.host, namespace=args.namespace, existing_token=args.token)
+        result = client.create_run_from_pipeline_package(
+            package,
+            arguments=arguments,
+            run_name=args.run_display_name or args.run,
+            experiment_name=args.experiment,
+            namespace=args.namespace,
+            service_account=args.service_account,
+        )
+    print(json.dumps({"run_id": result.run_id}))
+    return ExitCode.SUCCESS
+
+
+def run_local(args: argparse.Namespace) -> int:
+    from kfp import local
+
+    from bagel.pipelines.pipeline import build_pipeline
+
+    try:
+        arguments = pipeline_arguments(args, backend="local")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return ExitCode.USAGE_ERROR
+    arguments["nproc_per_node"] = args.nproc_per_node
+    if args.preempt:
+        # Read by the train_stage component, which passes it to `bagel launch --preempt`.
+        os.environ["BAGEL_LAUNCH_PREEMPT"] = args.preempt
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=args.pipeline_root)
+    try:
+        task = build_pipeline(storage_secret="")(**arguments)
+    except RuntimeError as error:
+        logger.error("%s", error)
+        return ExitCode.FAILURE
+    print(json.dumps({"uri": task.outputs["uri"], "digest": task.outputs["digest"]}))
+    return ExitCode.SUCCESS

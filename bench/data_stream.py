@@ -1,0 +1,161 @@
+"""Streaming and packing throughput of the data pipeline, each against a baseline measured in the same run.
+
+1. Streaming: the demo shards, replicated into ~16 MB shards up to --megabytes,
+   on a SeaweedFS server started on 127.0.0.1 (or --endpoint). The pipeline's
+   read path (ShardReader read-ahead + tar parsing into sample records) is
+   timed against a raw sequential s3fs read of the same objects in 8 MB reads.
+   Goal: ratio >= 0.8.
+2. Packing: tokens/s of one unit's full sample path (decode, resize,
+   tokenise, mix, lay out, pack) on the demo data, against the tokens/s of a
+   `tiny` training step (VAE encode + forward + backward) on the same packs.
+   Goal: ratio >= 10.
+
+    python bench/data_stream.py [--megabytes 200] [--rounds 3] [--packs 40] [--endpoint URL]
+"""
+
+import argparse
+import contextlib
+import statistics
+import tempfile
+import time
+
+import fsspec
+
+from bagel.model.configs import get_model_config
+from bagel.platform.data.config import DataConfig, RetryConfig
+from bagel.platform.data.demo import write_demo
+from bagel.platform.data.loader import build_data_loader
+from bagel.platform.data.loopback_s3 import S3Server, seaweedfs_server
+from bagel.platform.data.shards import ShardWriter, iter_shard, read_manifest
+from bagel.platform.data.storage import ShardReader, new_filesystem
+
+
+def _demo_records(root: str) -> list:
+    records = []
+    for task in ("t2i", "vlm", "edit"):
+        manifest = read_manifest(f"{root}/{task}")
+        for index in range(len(manifest.shards)):
+            fs, path = new_filesystem(manifest.shard_uri(index))
+            with ShardReader(fs, path, 1 << 20, RetryConfig()) as reader:
+                records.extend(iter_shard(reader))
+    return records
+
+
+def _replicate(records: list, dest: str, megabytes: float, options: dict) -> str:
+    """Write the records again and again into ~16 MB shards until the dataset holds `megabytes`."""
+    writer = ShardWriter(dest, "bench", "mixed", max_samples=10**9, max_bytes=16 * 2**20, storage_options=options)
+    written, copy = 0, 0
+    while written < megabytes * 2**20:
+        for raw in records:
+            images = [(raw.images[i], "jpg") for i in sorted(raw.images)]
+            writer.write(f"c{copy:04d}{raw.key.replace('-', '')}", raw.record, images)
+            written += sum(len(b) for b, _ in images) + 600
+        copy += 1
+    return writer.close()
+
+
+def _stream_rate(manifest, options: dict, block: int) -> tuple[float, float, int]:
+    """(MB/s, samples/s, samples) of the pipeline's read path over every shard."""
+    fs, _ = new_filesystem(manifest.uri, options)  # one filesystem per process, as in the loader's workers
+    fs.info(manifest.uri)
+    count, start = 0, time.perf_counter()
+    for index in range(len(manifest.shards)):
+        path = type(fs)._strip_protocol(manifest.shard_uri(index))
+        with ShardReader(fs, path, block, RetryConfig(), size=manifest.shards[index].num_bytes) as reader:
+            for _ in iter_shard(reader):
+                count += 1
+    elapsed = time.perf_counter() - start
+    return manifest.num_bytes / 2**20 / elapsed, count / elapsed, count
+
+
+def _raw_rate(manifest, options: dict, block: int) -> float:
+    """MB/s of a plain sequential s3fs read of the same objects."""
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+    fs.info(manifest.uri)  # connect before timing, as the pipeline's filesystem is connected before its timing
+    start = time.perf_counter()
+    for index in range(len(manifest.shards)):
+        with fs.open(manifest.shard_uri(index), "rb", block_size=block, cache_type="none") as f:
+            while f.read(block):
+                pass
+    return manifest.num_bytes / 2**20 / (time.perf_counter() - start)
+
+
+def _packing_vs_step(demo_root: str, packs: int) -> None:
+    import torch
+
+    from bagel.model.bagel import build_model
+    from bagel.model.loss import normalize
+    from bagel.model.vae import FrozenVAE
+
+    model_config = get_model_config("tiny")
+    config = DataConfig.from_dict({
+        "num_workers": 0, "datasets": [
+            {"name": task, "uri": f"{demo_root}/{task}", "weight": 1.0} for task in ("t2i", "vlm", "edit")
+        ],
+    })
+    loader = build_data_loader(config, model_config, 0, 1)
+    next(loader)  # warm-up: tokenizer, first shard open
+    produced, start = [], time.perf_counter()
+    for _ in range(packs):
+        produced.append(next(loader))
+    pack_rate = sum(p.length for p in produced) / (time.perf_counter() - start)
+
+    torch.manual_seed(0)
+    vae = FrozenVAE(model_config)
+    model = build_model(model_config, seed=0)
+
+    def step(packed):
+        latents = vae.encode_tokens(packed.vae_images, packed.vae_latent_grids, packed.vae_noise_seeds)
+        sums = model(packed, latents)
+        normalize(sums, sums.ce_tokens, sums.mse_tokens, model_config.ce_weight, model_config.mse_weight).total.backward()
+        model.zero_grad(set_to_none=True)
+
+    step(produced[0])
+    rates = []
+    for packed in produced[1 : 1 + min(8, len(produced) - 1)]:
+        start = time.perf_counter()
+        step(packed)
+        rates.append(packed.length / (time.perf_counter() - start))
+    step_rate = statistics.median(rates)
+    print(f"packing (decode + layout + pack), 1 unit: {pack_rate:10.0f} tokens/s over {packs} packs")
+    print(f"tiny training step (VAE + fwd + bwd):     {step_rate:10.0f} tokens/s")
+    print(f"ratio packing/step: {pack_rate / step_rate:.1f} (goal >= 10)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--megabytes", type=float, default=200.0, help="size of the replicated streaming dataset")
+    parser.add_argument("--block-mb", type=float, default=8.0, help="bytes per read request, both paths")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating raw/pipeline streaming rounds")
+    parser.add_argument("--packs", type=int, default=40, help="packs timed in the packing measurement")
+    parser.add_argument("--endpoint", default="", help="use this S3 endpoint (credentials testing/testing) instead of starting SeaweedFS")
+    args = parser.parse_args()
+    block = int(args.block_mb * 2**20)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_demo(f"{tmp}/demo")
+        records = _demo_records(f"{tmp}/demo")
+        server_cm = contextlib.nullcontext(S3Server(args.endpoint)) if args.endpoint else seaweedfs_server()
+        with server_cm as server:
+            bucket = server.make_bucket("bench-data")
+            options = server.storage_options
+            start = time.perf_counter()
+            uri = _replicate(records, f"{bucket}/replicated", args.megabytes, options)
+            manifest = read_manifest(uri, options)
+            print(f"dataset: {manifest.num_samples} samples, {len(manifest.shards)} shards, "
+                  f"{manifest.num_bytes / 2**20:.0f} MB (written in {time.perf_counter() - start:.1f} s)")
+            _raw_rate(manifest, options, block)  # warm-up of the server's caches for both paths
+            # Alternate the two paths so that load from other processes hits both alike.
+            ratios = []
+            for round_index in range(args.rounds):
+                raw = _raw_rate(manifest, options, block)
+                mbs, sps, count = _stream_rate(manifest, options, block)
+                ratios.append(mbs / raw)
+                print(f"round {round_index}: raw sequential s3fs read {raw:7.1f} MB/s | pipeline streaming read "
+                      f"{mbs:7.1f} MB/s, {sps:6.0f} samples/s ({count} samples) | ratio {mbs / raw:.2f}")
+            print(f"ratio streaming/raw (median of {args.rounds} rounds): {statistics.median(ratios):.2f} (goal >= 0.8)")
+        _packing_vs_step(f"{tmp}/demo", args.packs)
+
+
+if __name__ == "__main__":
+    main()

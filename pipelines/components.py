@@ -1,0 +1,165 @@
+"""The pipeline's components: launch one training stage, and promote its final checkpoint.
+
+Both run the `bagel` command line in the step's container (the training image,
+which has the package installed) and exchange only small pointers,
+{"uri", "digest"} of a promoted checkpoint, never checkpoints themselves.
+
+kfp serialises each function's source into the pipeline, so the functions
+import what they need inside their bodies and share no module-level helpers.
+
+Test hooks (environment variables of the step, never set in production):
+BAGEL_LAUNCH_SCRIPT runs that Python file on every rank instead of `bagel
+train` (`bagel launch --script`), and BAGEL_CLI_STANDIN runs that Python file
+instead of `python -m bagel.platform` for the `ckpt` commands, so the
+pipeline wiring can be tested before the trainer and checkpointer exist.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+
+# The image of the pipeline steps; `bagel pipeline compile --image` replaces it.
+DEFAULT_IMAGE = "ghcr.io/bagel-platform/bagel-train:0.1.0"
+
+
+class Pointer(NamedTuple):
+    """A promoted checkpoint: its URI and content digest ("" and "" for none)."""
+
+    uri: str
+    digest: str
+
+
+@dsl.component(base_image=DEFAULT_IMAGE)
+def train_stage(
+    stage: str,
+    configs: str,
+    run_name: str,
+    storage: str,
+    init_from: str,
+    enabled: bool,
+    image: str,
+    node_pool: str,
+    namespace: str,
+    backend: str,
+    nproc_per_node: int,
+    overrides: str,
+) -> str:
+    """Launch one training stage with `bagel launch` and wait until it ends; return "trained", "reused" or "skipped".
+
+    Args:
+        stage: alignment, pretrain, continued or sft.
+        configs: packaged config family ("tiny", "bagel-7b-mot": config `{configs}/{stage}`)
+            or a directory of `{stage}.yaml` files (a path starting with "/" or ".").
+        run_name: run name (the stage's checkpoints live under it, so a rerun resumes).
+        storage: URI root of runs and promoted checkpoints.
+        init_from: URI of the previous stage's promoted checkpoint ("" to start fresh).
+        enabled: false skips the stage (its promotion passes `init_from` through).
+        image: training image ("" keeps job.image of the config).
+        node_pool: JSON object of node labels for job.node_pool.node_selector ("" keeps the config's).
+        namespace: namespace of the job ("" uses the namespace of this step's pod).
+        backend: "kubernetes" or "local" (torchrun on the machine running the step).
+        nproc_per_node: local backend: torchrun processes.
+        overrides: JSON list of extra KEY=VALUE overrides for every stage.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not enabled:
+        print(f"stage {stage} is disabled; skipping it")
+        return "skipped"
+
+    config = f"{configs}/{stage}.yaml" if configs.startswith(("/", ".")) else f"{configs}/{stage}"
+    # The same overrides reach find-promoted here and promote later, so both compute the same digest;
+    # the launch-only job.* settings below stay out of it.
+    extra = json.loads(overrides) if overrides else []
+    launch_extra = list(extra)
+    if image:
+        launch_extra.append(f"job.image={image}")
+    if node_pool:
+        launch_extra.append(f"job.node_pool.node_selector={json.dumps(json.loads(node_pool))}")
+    namespace = namespace or os.environ.get("BAGEL_POD_NAMESPACE", "")
+    if namespace and backend == "kubernetes":
+        launch_extra.append(f"job.namespace={namespace}")
+    init_override = [f"run.init_from={init_from}"]
+
+    standin = os.environ.get("BAGEL_CLI_STANDIN")
+    bagel = [sys.executable, standin] if standin else [sys.executable, "-m", "bagel.platform"]
+    found = subprocess.run(
+        [*bagel, "ckpt", "find-promoted", "--config", config, "--storage", storage, *init_override, *extra],
+        check=True, capture_output=True, text=True,
+    )
+    pointer = json.loads(found.stdout.strip().splitlines()[-1] or "{}")
+    if pointer.get("digest"):
+        print(f"stage {stage}: a checkpoint promoted from the same config exists ({pointer['uri']}); not training")
+        return "reused"
+
+    command = [
+        sys.executable, "-m", "bagel.platform", "launch", "--config", config, "--run", run_name, "--stage", stage,
+        "--storage", storage, "--init-from", init_from, "--backend", backend, "--nproc-per-node", str(nproc_per_node),
+    ]
+    script = os.environ.get("BAGEL_LAUNCH_SCRIPT")
+    if script:
+        command += ["--script", script]
+    preempt = os.environ.get("BAGEL_LAUNCH_PREEMPT")
+    if preempt:
+        command += ["--preempt", preempt]
+    completed = subprocess.run([*command, *launch_extra])
+    if completed.returncode != 0:
+        raise RuntimeError(f"bagel launch of stage {stage} failed with exit code {completed.returncode}")
+    return "trained"
+
+
+@dsl.component(base_image=DEFAULT_IMAGE)
+def promote_stage(
+    stage: str,
+    configs: str,
+    next_stage: str,
+    run_name: str,
+    storage: str,
+    init_from: str,
+    init_digest: str,
+    training: str,
+    overrides: str,
+) -> Pointer:
+    """Promote the stage's final checkpoint with `bagel ckpt promote`; return its pointer.
+
+    A skipped stage passes (init_from, init_digest) through; a reused stage
+    returns the existing promoted checkpoint. `init_digest` is an input so the
+    step's cache key changes whenever the previous stage's checkpoint does.
+
+    Args:
+        stage, configs, run_name, storage, overrides: as for train_stage.
+        next_stage: the stage that starts from this checkpoint ("" after the last one).
+        init_from, init_digest: the pointer this stage started from.
+        training: train_stage's result ("trained", "reused" or "skipped").
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    from collections import namedtuple
+
+    output = namedtuple("Pointer", ["uri", "digest"])
+    if training == "skipped":
+        return output(init_from, init_digest)
+
+    def config_of(name: str) -> str:
+        return f"{configs}/{name}.yaml" if configs.startswith(("/", ".")) else f"{configs}/{name}"
+
+    extra = json.loads(overrides) if overrides else []
+    standin = os.environ.get("BAGEL_CLI_STANDIN")
+    bagel = [sys.executable, standin] if standin else [sys.executable, "-m", "bagel.platform"]
+    if training == "reused":
+        command = [*bagel, "ckpt", "find-promoted", "--config", config_of(stage), "--storage", storage]
+    else:
+        command = [*bagel, "ckpt", "promote", "--config", config_of(stage), "--run", run_name, "--storage", storage]
+        if next_stage:
+            command += ["--next-config", config_of(next_stage)]
+    completed = subprocess.run([*command, f"run.init_from={init_from}", *extra], check=True, capture_output=True, text=True)
+    pointer = json.loads(completed.stdout.strip().splitlines()[-1])
+    if not pointer.get("uri") or not pointer.get("digest"):
+        raise RuntimeError(f"promotion of stage {stage} returned no checkpoint: {completed.stdout!r}")
+    print(f"stage {stage} promoted: {pointer['uri']} (digest {pointer['digest']})")
+    return output(pointer["uri"], pointer["digest"])

@@ -1,0 +1,173 @@
+"""Readers for BAGEL's three source formats; each yields (key, record, images) for `ShardWriter`.
+
+- t2i parquet: columns `image` (encoded bytes) and `captions` (a JSON string
+  holding a dict, or a list, of alternative captions).
+- VLM SFT JSONL plus an image folder: per line `image` (a path relative to the
+  folder, or a list of them) and `conversations` ([{from, value}] with
+  `<image>` placeholders). Video lines are not supported and are reported.
+- edit/interleaved parquet: columns `image_list` (list of encoded images) and
+  `instruction_list` (one entry per transition, each a list of alternatives).
+
+SRC may be a file, a directory of such files, or an fsspec URI of either.
+Records keep the source's texts untouched; see `bagel.platform.data.records`
+for the record kinds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Iterator
+
+from bagel.platform.data.storage import new_filesystem
+
+logger = logging.getLogger(__name__)
+
+# (key, record, [(image bytes, extension)])
+SourceSample = tuple[str, dict, list[tuple[bytes, str]]]
+
+
+def image_extension(data: bytes) -> str:
+    """File extension of encoded image bytes from their magic number ("img" when unknown)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:2] == b"BM":
+        return "bmp"
+    return "img"
+
+
+def _list_files(src: str, suffixes: tuple[str, ...], storage_options: dict | None) -> tuple[Any, list[str]]:
+    fs, path = new_filesystem(src, storage_options)
+    if fs.isdir(path):
+        files = sorted(p for p in fs.find(path) if p.endswith(suffixes))
+    else:
+        files = [path]
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(suffixes)} files under {src}")
+    return fs, files
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, dict):  # HF datasets' Image feature: {"bytes": ..., "path": ...}
+        value = value.get("bytes")
+    if not isinstance(value, (bytes, bytearray)):
+        raise ValueError(f"expected encoded image bytes, got {type(value).__name__}")
+    return bytes(value)
+
+
+def detect_format(src: str, storage_options: dict | None = None) -> str:
+    """Guess "t2i", "vlm" or "edit" from the files at SRC."""
+    import pyarrow.parquet as pq
+
+    if src.rstrip("/").endswith((".jsonl", ".json")):
+        return "vlm"
+    fs, path = new_filesystem(src, storage_options)
+    if fs.isdir(path):
+        if any(p.endswith(".jsonl") for p in fs.find(path)):
+            return "vlm"
+    _, files = _list_files(src, (".parquet",), storage_options)
+    with fs.open(files[0], "rb") as f:
+        names = set(pq.ParquetFile(f).schema_arrow.names)
+    if {"image", "captions"} <= names:
+        return "t2i"
+    if {"image_list", "instruction_list"} <= names:
+        return "edit"
+    raise ValueError(f"cannot tell the format of {src}: parquet columns {sorted(names)}; pass --format")
+
+
+def read_t2i_parquet(src: str, storage_options: dict | None = None) -> Iterator[SourceSample]:
+    import pyarrow.parquet as pq
+
+    fs, files = _list_files(src, (".parquet",), storage_options)
+    for file_index, file in enumerate(files):
+        with fs.open(file, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            row = 0
+            for batch in parquet.iter_batches(batch_size=256, columns=["image", "captions"]):
+                for image, captions in zip(batch.column("image").to_pylist(), batch.column("captions").to_pylist()):
+                    key = f"f{file_index:04d}r{row:07d}"
+                    row += 1
+                    if isinstance(captions, str):
+                        try:
+                            captions = json.loads(captions)
+                        except ValueError:
+                            captions = [captions]
+                    if isinstance(captions, dict):
+                        captions = [captions[k] for k in sorted(captions)]
+                    data = _as_bytes(image)
+                    yield key, {"kind": "t2i", "captions": captions, "images": [image_extension(data)]}, [
+                        (data, image_extension(data))
+                    ]
+
+
+def read_vlm_jsonl(src: str, image_dir: str | None = None, storage_options: dict | None = None) -> Iterator[SourceSample]:
+    fs, files = _list_files(src, (".jsonl",), storage_options)
+    for file_index, file in enumerate(files):
+        folder = image_dir or file.rsplit("/", 1)[0]
+        image_fs, image_root = new_filesystem(folder, storage_options) if image_dir else (fs, folder)
+        with fs.open(file, "rt", encoding="utf-8") as f:
+            for line_index, line in enumerate(f):
+                if not line.strip():
+                    continue
+                key = f"f{file_index:04d}l{line_index:07d}"
+                try:
+                    entry = json.loads(line)
+                except ValueError as error:
+                    logger.warning("%s line %d: not JSON (%s); skipped", file, line_index + 1, error)
+                    continue
+                if "video" in entry:
+                    logger.warning("%s line %d: video samples are not supported; skipped", file, line_index + 1)
+                    continue
+                paths = entry.get("image", [])
+                paths = [paths] if isinstance(paths, str) else list(paths)
+                images = []
+                for rel in paths:
+                    with image_fs.open(f"{image_root.rstrip('/')}/{rel}", "rb") as image_file:
+                        data = image_file.read()
+                    images.append((data, image_extension(data)))
+                record = {
+                    "kind": "vlm",
+                    "conversations": entry.get("conversations", []),
+                    "images": [ext for _, ext in images],
+                }
+                yield key, record, images
+
+
+def read_edit_parquet(src: str, storage_options: dict | None = None) -> Iterator[SourceSample]:
+    import pyarrow.parquet as pq
+
+    fs, files = _list_files(src, (".parquet",), storage_options)
+    for file_index, file in enumerate(files):
+        with fs.open(file, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            row = 0
+            for batch in parquet.iter_batches(batch_size=64, columns=["image_list", "instruction_list"]):
+                for image_list, instruction_list in zip(
+                    batch.column("image_list").to_pylist(), batch.column("instruction_list").to_pylist()
+                ):
+                    key = f"f{file_index:04d}r{row:07d}"
+                    row += 1
+                    images = [(_as_bytes(x), "") for x in image_list]
+                    images = [(data, image_extension(data)) for data, _ in images]
+                    instructions = [[s] if isinstance(s, str) else list(s) for s in instruction_list]
+                    record = {"kind": "edit", "instructions": instructions, "images": [ext for _, ext in images]}
+                    yield key, record, images
+
+
+def read_source(fmt: str, src: str, image_dir: str | None = None, storage_options: dict | None = None) -> Iterator[SourceSample]:
+    """Samples of SRC in format "t2i", "vlm" or "edit" ("auto" detects it)."""
+    if fmt == "auto":
+        fmt = detect_format(src, storage_options)
+    if fmt == "t2i":
+        return read_t2i_parquet(src, storage_options)
+    if fmt == "vlm":
+        return read_vlm_jsonl(src, image_dir, storage_options)
+    if fmt == "edit":
+        return read_edit_parquet(src, storage_options)
+    raise ValueError(f"unknown source format {fmt!r}: use t2i, vlm, edit or auto")

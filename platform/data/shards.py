@@ -1,0 +1,302 @@
+"""Training shards: POSIX tar files in the WebDataset convention, plus one manifest per dataset.
+
+Why tar shards: a tar is a plain sequence of (512-byte header, data) records,
+so a shard streams front to back with ranged reads and needs no index, any
+tool can list or unpack it, and the WebDataset layout (members named
+`KEY.EXT`, the members of one sample adjacent) is the field's common format
+for streaming multimodal data from object storage. Image bytes are stored
+as they came (JPEG/PNG), never re-encoded; each sample's text and structure is
+one JSON member (see `bagel.platform.data.records`).
+
+Members of sample KEY: `KEY.json` first, then `KEY.0.jpg`, `KEY.1.png`, ... in
+image order (the number is the image's index in the record's `images` list).
+
+Manifest (`manifest.json` beside the shards):
+
+    {"format": "bagel-shards/1", "name": "t2i", "kind": "t2i",
+     "num_samples": 120, "num_bytes": 3932160,
+     "shards": [{"uri": "shard-00000.tar", "num_samples": 15, "num_bytes": 491520,
+                 "sha256": "..."}, ...]}
+
+Shard URIs are relative to the manifest (or absolute), so a dataset directory
+can be copied between storages unchanged. The manifest is written last: a
+manifest that exists describes complete shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from bagel.platform.data.config import RetryConfig
+from bagel.platform.exit_codes import UsageError
+from bagel.platform.data.storage import RetryStats, ShardReader, call_with_retries, join_uri, new_filesystem
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "bagel-shards/1"
+MANIFEST_NAME = "manifest.json"
+
+
+class DataError(UsageError, ValueError):
+    """Unusable input data (missing manifest, empty dataset, too many bad samples): retrying cannot help."""
+
+
+@dataclass
+class ShardInfo:
+    """One shard as the manifest lists it."""
+
+    uri: str  # as written in the manifest (relative to it, or absolute)
+    num_samples: int
+    num_bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """A dataset's manifest; `uri` is where it was read from."""
+
+    uri: str
+    name: str
+    kind: str  # "t2i" | "vlm" | "edit" | "interleaved" | "mixed"
+    shards: list[ShardInfo]
+    digest: str  # sha256 of the manifest file's bytes (identifies the data in config digests)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(s.num_bytes for s in self.shards)
+
+    def shard_uri(self, index: int) -> str:
+        return join_uri(self.uri, self.shards[index].uri)
+
+
+def manifest_uri(uri: str) -> str:
+    """Accept a manifest URI or the directory that holds manifest.json."""
+    return uri if uri.endswith(".json") else uri.rstrip("/") + "/" + MANIFEST_NAME
+
+
+def read_manifest(uri: str, storage_options: dict[str, Any] | None = None, retry: RetryConfig | None = None) -> Manifest:
+    """Read and validate a manifest; a missing or empty one raises DataError naming the URI."""
+    uri = manifest_uri(uri)
+    fs, path = new_filesystem(uri, storage_options)
+    try:
+        raw = call_with_retries(lambda: fs.cat_file(path), f"read {uri}", retry or RetryConfig())
+    except FileNotFoundError as error:
+        raise DataError(f"dataset manifest {uri} does not exist; write it with `bagel data prepare` or `bagel data demo`") from error
+    except PermissionError as error:
+        raise DataError(f"dataset manifest {uri} is not readable with the given credentials: {error}") from error
+    except Exception as error:  # storage errors that outlived the retries
+        raise DataError(f"cannot read dataset manifest {uri}: {type(error).__name__}: {error}") from error
+    try:
+        body = json.loads(raw)
+    except ValueError as error:
+        raise DataError(f"dataset manifest {uri} is not valid JSON: {error}") from error
+    if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{uri} is not a {MANIFEST_FORMAT} manifest (format={body.get('format') if isinstance(body, dict) else None!r})")
+    shards = [ShardInfo(s["uri"], int(s["num_samples"]), int(s["num_bytes"]), s.get("sha256", "")) for s in body.get("shards", [])]
+    manifest = Manifest(uri, body.get("name", ""), body.get("kind", ""), shards, hashlib.sha256(raw).hexdigest())
+    if manifest.num_samples == 0:
+        raise DataError(f"dataset manifest {uri} lists no samples ({len(shards)} shards); prepare the dataset again")
+    return manifest
+
+
+class ShardWriter:
+    """Writes samples into tar shards under `dest` and the manifest last.
+
+    A shard is closed when it holds `max_samples` samples or `max_bytes` bytes.
+    Shards are built in memory and uploaded whole (one PUT per shard).
+    """
+
+    def __init__(
+        self,
+        dest: str,
+        name: str,
+        kind: str,
+        max_samples: int = 1000,
+        max_bytes: int = 64 * 2**20,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.dest = dest.rstrip("/")
+        self.name, self.kind = name, kind
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.fs, self.root = new_filesystem(self.dest, storage_options)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.shards: list[ShardInfo] = []
+        self._buffer: io.BytesIO | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0
+        self._keys: set[str] = set()
+
+    def _open(self) -> None:
+        self._buffer = io.BytesIO()
+        self._tar = tarfile.open(fileobj=self._buffer, mode="w", format=tarfile.USTAR_FORMAT)
+        self._count = 0
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0  # reproducible shards: same input, same bytes, same checksum
+        info.mode = 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def write(self, key: str, record: dict, images: list[tuple[bytes, str]]) -> None:
+        """Add one sample: its JSON record and its encoded images as (bytes, extension)."""
+        if "." in key or "/" in key or not key:
+            raise ValueError(f"sample key {key!r} must be non-empty without '.' or '/'")
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r} in dataset {self.name}")
+        self._keys.add(key)
+        if self._tar is None:
+            self._open()
+        self._add(f"{key}.json", json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+        for index, (data, ext) in enumerate(images):
+            self._add(f"{key}.{index}.{ext.lstrip('.').lower()}", data)
+        self._count += 1
+        if self._count >= self.max_samples or self._buffer.tell() >= self.max_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._tar is None or self._count == 0:
+            return
+        self._tar.close()
+        data = self._buffer.getvalue()
+        shard_name = f"shard-{len(self.shards):05d}.tar"
+        self.fs.pipe_file(f"{self.root}/{shard_name}", data)
+        self.shards.append(ShardInfo(shard_name, self._count, len(data), hashlib.sha256(data).hexdigest()))
+        self._tar, self._buffer, self._count = None, None, 0
+
+    def close(self) -> str:
+        """Flush the last shard, write the manifest, return its URI."""
+        self._flush()
+        body = {
+            "format": MANIFEST_FORMAT,
+            "name": self.name,
+            "kind": self.kind,
+            "num_samples": sum(s.num_samples for s in self.shards),
+            "num_bytes": sum(s.num_bytes for s in self.shards),
+            "created_unix": int(time.time()),
+            "shards": [s.__dict__ for s in self.shards],
+        }
+        self.fs.pipe_file(f"{self.root}/{MANIFEST_NAME}", json.dumps(body, indent=1).encode("utf-8"))
+        return f"{self.dest}/{MANIFEST_NAME}"
+
+
+@dataclass
+class RawRecord:
+    """One sample as stored: its key, the parsed JSON record and its image bytes by index."""
+
+    key: str
+    record: dict
+    images: dict[int, bytes]
+    bad_reason: str = ""  # set when the members could not be parsed (the record is then unusable)
+
+
+def _octal(field: bytes) -> int:
+    field = field.rstrip(b"\0 ").lstrip(b" ")
+    if field and field[0] & 0x80:  # GNU base-256 for large sizes
+        return int.from_bytes(field[1:], "big")
+    return int(field or b"0", 8)
+
+
+def iter_members(reader) -> Iterator[tuple[str, int, int]]:
+    """(name, size, data offset) of each regular file in a tar stream, reading headers only.
+
+    Handles ustar, GNU long names ('L') and pax 'path' records; a header whose
+    checksum is wrong, or a stream that ends inside a header, raises
+    tarfile.ReadError (a truncated or corrupt shard).
+    """
+    offset = 0
+    long_name = ""
+    while True:
+        reader.seek(offset)
+        header = reader.read(512)
+        if len(header) == 0:
+            return
+        if len(header) < 512:
+            raise tarfile.ReadError(f"unexpected end of data in a tar header at byte {offset}")
+        if header == b"\0" * 512:
+            return  # end-of-archive marker
+        stored = _octal(header[148:156])
+        if stored != sum(header) - sum(header[148:156]) + 8 * 32:
+            raise tarfile.ReadError(f"bad tar header checksum at byte {offset}")
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        data_offset = offset + 512
+        offset = data_offset + (size + 511) // 512 * 512
+        if kind in (b"L", b"x"):
+            reader.seek(data_offset)
+            data = reader.read(size)
+            if len(data) < size:
+                raise tarfile.ReadError(f"unexpected end of data in a tar extension header at byte {data_offset}")
+            if kind == b"L":
+                long_name = data.rstrip(b"\0").decode("utf-8")
+            else:
+                for line in data.decode("utf-8").splitlines():
+                    _, _, record = line.partition(" ")
+                    if record.startswith("path="):
+                        long_name = record[5:]
+            continue
+        name = long_name or header[0:100].rstrip(b"\0").decode("utf-8")
+        prefix = header[345:500].rstrip(b"\0").decode("utf-8") if header[257:262] == b"ustar" else ""
+        if prefix and not long_name:
+            name = f"{prefix}/{name}"
+        long_name = ""
+        if kind in (b"0", b"\0", b"7"):
+            yield name, size, data_offset
+
+
+def iter_shard(reader: ShardReader, skip: int = 0) -> Iterator[RawRecord]:
+    """Yield the samples of a tar shard in order, after skipping the first `skip` samples.
+
+    Skipped samples' data is seeked over, not read. A truncated shard raises
+    tarfile.ReadError from the point where it breaks.
+    """
+    current_key = None
+    record_bytes: bytes | None = None
+    images: dict[int, bytes] = {}
+    seen = 0
+
+    def finish() -> RawRecord:
+        if record_bytes is None:
+            return RawRecord(current_key, {}, images, "missing_field")
+        try:
+            record = json.loads(record_bytes)
+            if not isinstance(record, dict):
+                raise ValueError("record is not a JSON object")
+        except ValueError:
+            return RawRecord(current_key, {}, images, "bad_record")
+        return RawRecord(current_key, record, images)
+
+    for name, size, data_offset in iter_members(reader):
+        base = name.rsplit("/", 1)[-1]
+        key, _, ext = base.partition(".")
+        if key != current_key:
+            if current_key is not None:
+                if seen >= skip:
+                    yield finish()
+                seen += 1
+            current_key, record_bytes, images = key, None, {}
+        if seen < skip:
+            continue
+        reader.seek(data_offset)
+        data = reader.read(size)
+        if len(data) != size:
+            raise tarfile.ReadError(f"unexpected end of data in {name}")
+        if ext == "json":
+            record_bytes = data
+        else:
+            index, _, _ = ext.partition(".")
+            if index.isdigit():
+                images[int(index)] = data
+    if current_key is not None and seen >= skip:
+        yield finish()

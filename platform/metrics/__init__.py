@@ -1,0 +1,1 @@
+"""Training metrics: TensorBoard event files synced to storage, and NVML GPU health."""

@@ -1,0 +1,231 @@
+"""Job specs built from a stage config validate strictly and carry the restart, placement and storage rules."""
+
+import copy
+
+import pytest
+import yaml
+
+from bagel.platform.config import ConfigError
+from bagel.platform.exit_codes import ExitCode
+from bagel.platform.jobs.build import plan_stage, split_overrides
+from bagel.platform.jobs.config import job_config_from_dict
+from bagel.platform.jobs.pod import StageRun, job_name
+from bagel.platform.jobs.pytorchjob import build_pytorchjob
+from bagel.platform.jobs.trainjob import USER_ERROR_MESSAGE, build_cluster_training_runtime, build_trainjob
+from bagel.platform.jobs.validate import ValidationError, validate_object
+
+STAGE_RUN = StageRun("tiny/pretrain", "run-a", "pretrain", "s3://bucket/bagel", init_from="s3://bucket/bagel/promoted/abc")
+
+JOB_SECTIONS = {
+    "defaults": {},
+    "multi-node-kueue": {
+        "nodes": 4,
+        "gpus_per_node": 8,
+        "scheduling": {"kueue_queue": "gpu-queue", "priority_class": "bagel-training"},
+        "node_pool": {
+            "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["spot"]}]}
+                        ]
+                    }
+                }
+            },
+        },
+        "extra_resources": {"vpc.amazonaws.com/efa": "32"},
+        "config_map": "bagel-stage-configs",
+        "active_deadline_s": 86400,
+    },
+    "volcano-cpu": {"nodes": 2, "gpus_per_node": 0, "scheduling": {"gang": "volcano"}, "storage_secret": ""},
+    "coscheduling": {"nodes": 2, "scheduling": {"gang": "coscheduling", "schedule_timeout_s": 120}},
+}
+
+
+@pytest.fixture(params=sorted(JOB_SECTIONS))
+def job(request):
+    return job_config_from_dict(copy.deepcopy(JOB_SECTIONS[request.param]))
+
+
+def test_trainjob_validates_strictly(job):
+    validate_object(build_trainjob(job, STAGE_RUN, grace_period_s=120))
+
+
+def test_runtime_validates_strictly(job):
+    validate_object(build_cluster_training_runtime(job))
+
+
+def test_pytorchjob_validates_strictly(job):
+    validate_object(build_pytorchjob(job, STAGE_RUN, grace_period_s=120))
+
+
+def test_unknown_field_rejected():
+    job = job_config_from_dict({})
+    trainjob = build_trainjob(job, STAGE_RUN, 120)
+    # The v2.1 field name, pruned silently by an API server running Trainer v2.3.
+    trainjob["spec"]["podTemplateOverrides"] = []
+    with pytest.raises(ValidationError, match="podTemplateOverrides"):
+        validate_object(trainjob)
+
+
+def test_string_num_proc_rejected():
+    trainjob = build_trainjob(job_config_from_dict({}), STAGE_RUN, 120)
+    trainjob["spec"]["trainer"]["numProcPerNode"] = "auto"
+    with pytest.raises(ValidationError, match="numProcPerNode"):
+        validate_object(trainjob)
+
+
+def test_core_kind_strict():
+    with pytest.raises(ValidationError, match="replica"):
+        validate_object({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, "spec": {"replica": 1}})
+
+
+def test_trainjob_contents():
+    job = job_config_from_dict(copy.deepcopy(JOB_SECTIONS["multi-node-kueue"]))
+    trainjob = build_trainjob(job, STAGE_RUN, grace_period_s=150, submission=3)
+    trainer = trainjob["spec"]["trainer"]
+    assert trainer["command"] == ["python", "-m", "bagel.platform.launch.node", "--"]
+    assert trainer["args"][:3] == ["train", "--config", "tiny/pretrain"]
+    assert "run.name=run-a" in trainer["args"]
+    assert "run.stage=pretrain" in trainer["args"]
+    assert "run.storage=s3://bucket/bagel" in trainer["args"]
+    assert "run.init_from=s3://bucket/bagel/promoted/abc" in trainer["args"]
+    assert trainer["numNodes"] == 4
+    assert trainer["numProcPerNode"] == 8
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
+    assert trainer["resourcesPerNode"]["limits"]["vpc.amazonaws.com/efa"] == "32"
+    secret_env = [e for e in trainer["env"] if "valueFrom" in e]
+    assert {e["name"] for e in secret_env} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert all(e["valueFrom"]["secretKeyRef"]["name"] == "bagel-storage" for e in secret_env)
+    assert not any("SECRET" in e["name"] and "value" in e for e in trainer["env"])
+    labels = trainjob["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert labels["bagel.platform/run"] == "run-a"
+    assert labels["bagel.platform/stage"] == "pretrain"
+    assert labels["bagel.platform/submission"] == "3"
+    patch_pod = trainjob["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"
+    ]["spec"]["template"]["spec"]
+    assert patch_pod["terminationGracePeriodSeconds"] == 150
+    assert patch_pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert patch_pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "nodeAffinity" in patch_pod["affinity"]
+    assert patch_pod["volumes"][0]["configMap"]["name"] == "bagel-stage-configs"
+
+
+def test_runtime_restart_rules():
+    job = job_config_from_dict({"retry": {"max_restarts": 2}, "scheduling": {"priority_class": "bagel-training"}})
+    runtime = build_cluster_training_runtime(job)
+    jobset = runtime["spec"]["template"]["spec"]
+    rules = {rule["name"]: rule for rule in jobset["failurePolicy"]["rules"]}
+    assert jobset["failurePolicy"]["maxRestarts"] == 2
+    assert rules["user-error"]["action"] == "FailJobSet"
+    assert rules["preempted"]["action"] == "RestartJobSetAndIgnoreMaxRestarts"
+    assert [r["name"] for r in jobset["failurePolicy"]["rules"]] == ["user-error", "preempted", "failed"]
+    child = jobset["replicatedJobs"][0]["template"]["spec"]
+    pod_rules = child["podFailurePolicy"]["rules"]
+    # The user-error JobSet rule matches the message of podFailurePolicy rule 0.
+    assert pod_rules[0]["onExitCodes"]["values"] == [int(ExitCode.USAGE_ERROR)]
+    assert "rule at index 0" in USER_ERROR_MESSAGE
+    assert pod_rules[1]["onExitCodes"]["values"] == [int(ExitCode.PREEMPTED)]
+    assert pod_rules[2]["onPodConditions"][0]["type"] == "DisruptionTarget"
+    assert child["backoffLimit"] == 0
+    pod_spec = child["template"]["spec"]
+    assert pod_spec["restartPolicy"] == "Never"
+    assert pod_spec["priorityClassName"] == "bagel-training"
+    shm = pod_spec["volumes"][0]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert pod_spec["containers"][0]["volumeMounts"][0]["mountPath"] == "/dev/shm"
+    assert pod_spec["securityContext"]["runAsNonRoot"] is True
+
+
+def test_pytorchjob_contents():
+    job = job_config_from_dict({"nodes": 3, "gpus_per_node": 4, "scheduling": {"gang": "volcano"}})
+    pytorchjob = build_pytorchjob(job, STAGE_RUN, grace_period_s=90)
+    replicas = pytorchjob["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1
+    assert replicas["Worker"]["replicas"] == 2
+    assert replicas["Master"]["restartPolicy"] == "ExitCode"
+    assert pytorchjob["spec"]["nprocPerNode"] == "4"
+    assert pytorchjob["spec"]["runPolicy"]["cleanPodPolicy"] == "All"
+    assert pytorchjob["spec"]["runPolicy"]["schedulingPolicy"]["minAvailable"] == 3
+    container = replicas["Master"]["template"]["spec"]["containers"][0]
+    assert container["name"] == "pytorch"
+    assert replicas["Master"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90
+
+
+def test_single_node_pytorchjob_has_no_workers():
+    pytorchjob = build_pytorchjob(job_config_from_dict({"kind": "PyTorchJob"}), STAGE_RUN, 90)
+    assert list(pytorchjob["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"nodez": 2}, "unknown key job.nodez"),
+        ({"nodes": "2"}, "job.nodes"),
+        ({"nodes": 0}, "job.nodes=0"),
+        ({"kind": "MPIJob"}, "job.kind"),
+        ({"memory": "lots"}, "job.memory"),
+        ({"scheduling": {"gang": "volcano", "kueue_queue": "q"}}, "kueue_queue"),
+        ({"env": {"PET_NNODES": "2"}}, "PET_NNODES"),
+        ({"node_pool": {"tolerations": "all"}}, "job.node_pool.tolerations"),
+    ],
+)
+def test_job_section_errors(section, message):
+    with pytest.raises(ConfigError, match=message):
+        job_config_from_dict(section)
+
+
+def test_job_name_bounded():
+    long_run = "r" * 63
+    name = job_name(long_run, "continued")
+    assert len(name) <= 40
+    assert name.split("-")[-1].isalnum()
+    assert name != job_name("r" * 62, "continued")
+    assert job_name("7run", "sft")[0].isalpha()
+
+
+def test_plan_from_stage_config(tmp_path):
+    config = tmp_path / "stage.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"name": "cfg-run", "stage": "sft", "storage": "s3://bucket/x"},
+                "preemption": {"deadline_seconds": 45},
+                "job": {"nodes": 2, "kind": "PyTorchJob"},
+            }
+        )
+    )
+    plan = plan_stage(str(config), ["job.nodes=3", "optim.lr=1e-5", "run.name=ignored"], run="cli-run")
+    assert plan.job.nodes == 3
+    assert plan.stage_run.run == "cli-run"
+    assert plan.stage_run.stage == "sft"
+    assert plan.stage_run.overrides == ("optim.lr=1e-5",)
+    assert plan.grace_period_s == 45 + plan.job.grace_margin_s
+    obj = plan.job_object(submission=2)
+    assert obj["kind"] == "PyTorchJob"
+    validate_object(obj)
+
+
+def test_grace_period_follows_deadline():
+    job = job_config_from_dict({"grace_margin_s": 10})
+    assert job.grace_period({}) == 25 + 10
+    assert job.grace_period({"preemption": {"deadline_seconds": 100.5}}) == 101 + 10
+    assert job.grace_period({"checkpoint": {"preemption": {"deadline_seconds": 60}}}) == 60 + 10
+    assert job_config_from_dict({"grace_period_s": 300}).grace_period({"preemption": {"deadline_seconds": 60}}) == 300
+
+
+def test_packaged_configs_plan():
+    for model in ("tiny", "bagel-7b-mot"):
+        for stage in ("alignment", "pretrain", "continued", "sft"):
+            plan = plan_stage(f"{model}/{stage}", run="packaged", storage="s3://bucket/x")
+            assert plan.stage_run.stage == stage
+            validate_object(plan.job_object())
+
+
+def test_split_overrides():
+    launcher, trainer = split_overrides(["job.nodes=2", "run.name=x", "train.steps=5"])
+    assert launcher == ["job.nodes=2"]
+    assert trainer == ["train.steps=5"]

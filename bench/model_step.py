@@ -38,19 +38,25 @@ def _packs(config, tokens: int, count: int):
     return packs
 
 
-def _time(fn, packs, device) -> float:
-    """Return the median tokens/s of fn(pack) over packs (after one warm-up call)."""
-    fn(packs[0])
-    rates = []
+def _time_interleaved(functions: dict, packs, device) -> dict[str, float]:
+    """Return the median tokens/s of each fn(pack), alternating the functions pack by pack.
+
+    Alternating spreads any change in machine load over all functions alike.
+    Each function gets one untimed warm-up call first.
+    """
+    for fn in functions.values():
+        fn(packs[0])
+    rates = {name: [] for name in functions}
     for packed in packs:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(packed)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        rates.append(packed.length / (time.perf_counter() - start))
-    return statistics.median(rates)
+        for name, fn in functions.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn(packed)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rates[name].append(packed.length / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def main() -> None:
@@ -90,21 +96,25 @@ def main() -> None:
 
     mean_tokens = statistics.mean(p.length for p in packs)
     print(f"model={args.model} device={device} packs={len(packs)} mean tokens/pack={mean_tokens:.0f}")
+    functions = {
+        "dense forward": forward("sdpa"),
+        "flex forward": forward("flex"),
+        "dense forward+backward": train_step("sdpa"),
+    }
+    if device.type == "cuda":
+        functions["flex forward+backward"] = train_step("flex")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # eager flex on CPU warns that it is unfused
-        dense_fwd = _time(forward("sdpa"), packs, device)
-        flex_fwd = _time(forward("flex"), packs, device)
-        dense_step = _time(train_step("sdpa"), packs, device)
-        print(f"dense mask forward          {dense_fwd:12.0f} tokens/s")
-        print(f"flex mask forward           {flex_fwd:12.0f} tokens/s")
-        print(f"dense mask forward+backward {dense_step:12.0f} tokens/s")
-        if device.type == "cuda":
-            flex_step = _time(train_step("flex"), packs, device)
-            print(f"flex mask forward+backward  {flex_step:12.0f} tokens/s")
-            print(f"ratio flex/dense forward+backward: {flex_step / dense_step:.2f}")
-        else:
-            print("flex forward+backward: not measured (torch 2.13 has no FlexAttention backward on CPU)")
-    print(f"ratio flex/dense forward: {flex_fwd / dense_fwd:.2f}")
+        rates = _time_interleaved(functions, packs, device)
+
+    for name, rate in rates.items():
+        print(f"{name:<24} {rate:12.0f} tokens/s")
+    if device.type == "cuda":
+        ratio = rates["flex forward+backward"] / rates["dense forward+backward"]
+        print(f"ratio flex/dense forward+backward: {ratio:.2f}")
+    else:
+        print("flex forward+backward: not measured (torch 2.13 has no FlexAttention backward on CPU)")
+    print(f"ratio flex/dense forward: {rates['flex forward'] / rates['dense forward']:.2f}")
 
 
 if __name__ == "__main__":

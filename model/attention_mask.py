@@ -6,7 +6,7 @@ Query q may attend to key k iff all three hold:
    bidirectional inside themselves, text is causal);
 3. if k lies in a "noise" split, q lies in that same split, so a noised image
    is visible only to itself and later tokens see its clean/ViT copy instead.
-Every query sees at least itself, so no row of the mask is empty.
+Every query may attend to itself, so no row of the mask is empty.
 """
 
 from dataclasses import dataclass

@@ -22,7 +22,7 @@ class LLMConfig:
     """Qwen2.5 decoder with BAGEL's Mixture-of-Transformers duplication."""
 
     num_hidden_layers: int = 28
-    """Decoder layers; each holds both experts in the MoT variant."""
+    """Decoder layers; in the MoT variant each layer contains both experts."""
     hidden_size: int = 3584
     num_attention_heads: int = 28
     num_key_value_heads: int = 4
@@ -155,6 +155,7 @@ class BagelConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
         llm, vit = self.llm, self.vit
+
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"attn_backend={self.attn_backend!r} is invalid: use one of {ATTN_BACKENDS}")
         if llm.layer_module not in LAYER_MODULES:
@@ -174,6 +175,7 @@ class BagelConfig:
             raise ValueError(f"llm head_dim={llm.head_dim} must be even for RoPE")
         if llm.hidden_size % 4:
             raise ValueError(f"llm.hidden_size={llm.hidden_size} must be a multiple of 4 for the 2D sin-cos tables")
+
         if vit.hidden_size % vit.num_attention_heads:
             raise ValueError(
                 f"vit.hidden_size={vit.hidden_size} is not divisible by num_attention_heads={vit.num_attention_heads}"
@@ -188,6 +190,7 @@ class BagelConfig:
             raise ValueError(
                 f"vit.num_hidden_layers={vit.num_hidden_layers} with select_layer={vit.select_layer} leaves no layer"
             )
+
         if self.vae.ch % 32:
             raise ValueError(f"vae.ch={self.vae.ch} must be a multiple of 32 (GroupNorm with 32 groups)")
         for name in ("text_cond_dropout_prob", "vit_cond_dropout_prob", "vae_cond_dropout_prob"):

@@ -20,7 +20,7 @@ class MLPconnector(nn.Module):
 
 
 def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features [N, dim] of continuous t [N] in [0, 1], laid out as [cos | sin] (DiT style, no x1000)."""
+    """Return sinusoidal features [N, dim] of continuous t [N] in [0, 1], laid out as [cos | sin] (DiT style, no x1000)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None, :]
@@ -48,7 +48,7 @@ class TimestepEmbedder(nn.Module):
 
 
 def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
-    """[sin | cos] features [N, embed_dim] of positions [N], omega_i = 1 / 10000^(i / (embed_dim/2))."""
+    """Return [sin | cos] features [N, embed_dim] of positions [N], omega_i = 1 / 10000^(i / (embed_dim/2))."""
     omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
     omega = 1.0 / 10000**omega
     out = positions.double()[:, None] * omega[None, :]
@@ -56,7 +56,7 @@ def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
 
 
 def sincos_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """Fixed table [grid_size**2, embed_dim] in the MAE layout: row r*G+c is [features(c) | features(r)]."""
+    """Return the fixed table [grid_size**2, embed_dim] in the MAE layout: row r*G+c is [features(c) | features(r)]."""
     rows = torch.arange(grid_size).repeat_interleave(grid_size)
     cols = torch.arange(grid_size).repeat(grid_size)
     table = torch.cat([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], dim=1)

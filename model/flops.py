@@ -69,7 +69,7 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
 
 
 def _expert_layer_params(config: BagelConfig) -> int:
-    """Matmul weights one token meets in one decoder layer of one expert (norms excluded)."""
+    """Return the matmul weights a token passes through in one decoder layer of one expert (norms excluded)."""
     llm = config.llm
     q_dim = llm.num_attention_heads * llm.head_dim
     kv_dim = llm.num_key_value_heads * llm.head_dim
@@ -84,7 +84,7 @@ def _vit_layer_params(config: BagelConfig) -> int:
 
 
 def llm_flops_per_token(config: BagelConfig, seq_len: int) -> float:
-    """Training FLOPs of one LLM token (one expert + lm_head) attending over a `seq_len`-token sample."""
+    """Return the training FLOPs of one LLM token (one expert + lm_head) attending over a `seq_len`-token sample."""
     llm = config.llm
     dense = 6 * (llm.num_hidden_layers * _expert_layer_params(config) + llm.hidden_size * llm.vocab_size)
     attention = 12 * llm.num_hidden_layers * llm.num_attention_heads * llm.head_dim * seq_len
@@ -92,7 +92,7 @@ def llm_flops_per_token(config: BagelConfig, seq_len: int) -> float:
 
 
 def vit_flops_per_token(config: BagelConfig, image_tokens: int) -> float:
-    """Training FLOPs of one ViT patch in an image of `image_tokens` patches (ViT + connector, not the LLM)."""
+    """Return the training FLOPs of one ViT patch in an image of `image_tokens` patches (ViT + connector, not the LLM)."""
     vit = config.vit
     dense = 6 * (
         vit.num_layers_used * _vit_layer_params(config)
@@ -105,7 +105,7 @@ def vit_flops_per_token(config: BagelConfig, image_tokens: int) -> float:
 
 
 def pack_training_flops(config: BagelConfig, packed: PackedSequence) -> float:
-    """Training FLOPs of one packed sequence (for MFU).
+    """Return the training FLOPs of one packed sequence (for MFU).
 
     Every token pays one expert's layers. lm_head runs only at CE positions and
     llm2vae only at MSE positions. Attention uses each sample's full length.

@@ -1,8 +1,8 @@
 """Loss sums from one forward pass, and their normalisation into global per-token means.
 
-The model returns sums and token counts (`LossSums`); the trainer all-reduces
-the counts of every micro-batch of a step (`all_reduce_token_counts`), then
-`normalize` divides each rank's sums by those global counts. Summing the
+The model returns sums and token counts (`LossSums`). The trainer all-reduces
+the counts of every micro-batch of a step (`all_reduce_token_counts`), and
+`normalize` then divides each rank's sums by those global counts. Summing the
 normalised terms over data-parallel ranks therefore gives the global
 per-token mean, and gradients summed over ranks are the gradient of that mean
 (with gradient averaging over W ranks, multiply the loss by W).

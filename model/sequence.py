@@ -8,8 +8,8 @@ One sample becomes a run of splits:
   split when noised (MSE loss on its latent tokens), else one "full" split.
 
 Position ids (1D RoPE) restart at 0 per sample. Every token of an image,
-markers included, shares one id; the counter then advances by 1, except after
-a noised VAE image, so the clean/ViT copy that follows reuses its id. A
+markers included, shares one id. The counter then advances by 1, except after
+a noised VAE image, so that the clean/ViT copy that follows reuses its id. A
 CFG-dropped image still advances the counter; a dropped text item does not
 (the released BAGEL data code behaves the same way).
 
@@ -72,8 +72,14 @@ class SampleLayout:
     cfg_dropped: dict[str, int] = field(default_factory=dict)
 
 
+def _check_pixels(pixels: torch.Tensor, channels: int) -> None:
+    if pixels.dim() != 3 or pixels.shape[0] != channels:
+        raise ValueError(f"image tensor has shape {tuple(pixels.shape)}: expected [{channels}, H, W]")
+
+
 def vit_grid(pixels: torch.Tensor, config: BagelConfig) -> tuple[int, int]:
     """Return (rows, cols) of ViT patches for an image [3, H, W]; raise ValueError if it does not fit."""
+    _check_pixels(pixels, config.vit.num_channels)
     _, height, width = pixels.shape
     patch = config.vit.patch_size
     if height % patch or width % patch:
@@ -90,6 +96,7 @@ def vit_grid(pixels: torch.Tensor, config: BagelConfig) -> tuple[int, int]:
 
 def latent_grid(pixels: torch.Tensor, config: BagelConfig) -> tuple[int, int]:
     """Return (rows, cols) of 2x2 latent patches for an image [3, H, W]; raise ValueError if it does not fit."""
+    _check_pixels(pixels, config.vae.in_channels)
     _, height, width = pixels.shape
     stride = config.latent_downsample
     if height % stride or width % stride:

@@ -1,10 +1,10 @@
 """SigLIP NaViT vision encoder over variable-resolution images packed into one sequence.
 
-Keys follow the released checkpoint (`vit_model.vision_model.embeddings.patch_embedding`, ...):
-the patch embedding is a Linear over patches flattened in (row, col, channel)
-order, the learned position table is indexed by r * side + c, the encoder
-builds num_hidden_layers + 1 + select_layer layers (BAGEL drops the last one)
-and post_layernorm is applied to the output of the last layer built.
+Keys follow the released checkpoint (`vit_model.vision_model.embeddings.patch_embedding`, ...).
+The patch embedding is a Linear over patches flattened in (row, col, channel)
+order, and the learned position table is indexed by r * side + c. The encoder
+builds num_hidden_layers + 1 + select_layer layers, because BAGEL drops the
+last one, and post_layernorm is applied to the output of the last layer built.
 """
 
 import torch

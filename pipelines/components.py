@@ -7,11 +7,12 @@ which has the package installed) and exchange only small pointers,
 kfp serialises each function's source into the pipeline, so the functions
 import what they need inside their bodies and share no module-level helpers.
 
-Test hooks (environment variables of the step, never set in production):
-BAGEL_LAUNCH_SCRIPT runs that Python file on every rank instead of `bagel
-train` (`bagel launch --script`), and BAGEL_CLI_STANDIN runs that Python file
-instead of `python -m bagel.platform` for the `ckpt` commands, so the
-pipeline wiring can be tested before the trainer and checkpointer exist.
+Test hooks are environment variables of the step, never set in production.
+BAGEL_LAUNCH_SCRIPT names a Python file that every rank runs instead of
+`bagel train` (`bagel launch --script`). BAGEL_CLI_STANDIN names a Python
+file run instead of `python -m bagel.platform` for the `ckpt` commands.
+BAGEL_LAUNCH_PREEMPT (STAGE:STEP) is passed to `bagel launch --preempt`.
+They let tests check the pipeline wiring with stand-in commands.
 """
 
 from typing import NamedTuple
@@ -20,13 +21,6 @@ from kfp import dsl
 
 # The image of the pipeline steps; `bagel pipeline compile --image` replaces it.
 DEFAULT_IMAGE = "ghcr.io/bagel-platform/bagel-train:0.1.0"
-
-
-class Pointer(NamedTuple):
-    """A promoted checkpoint: its URI and content digest ("" and "" for none)."""
-
-    uri: str
-    digest: str
 
 
 @dsl.component(base_image=DEFAULT_IMAGE)
@@ -82,14 +76,17 @@ def train_stage(
     namespace = namespace or os.environ.get("BAGEL_POD_NAMESPACE", "")
     if namespace and backend == "kubernetes":
         launch_extra.append(f"job.namespace={namespace}")
-    init_override = [f"run.init_from={init_from}"]
+    # omegaconf reads `run.init_from=` as null, so an empty pointer is left out.
+    init_override = [f"run.init_from={init_from}"] if init_from else []
 
     standin = os.environ.get("BAGEL_CLI_STANDIN")
     bagel = [sys.executable, standin] if standin else [sys.executable, "-m", "bagel.platform"]
     found = subprocess.run(
         [*bagel, "ckpt", "find-promoted", "--config", config, "--storage", storage, *init_override, *extra],
-        check=True, capture_output=True, text=True,
+        capture_output=True, text=True,
     )
+    if found.returncode != 0:
+        raise RuntimeError(f"bagel ckpt find-promoted failed with exit code {found.returncode}: {found.stderr[-2000:]}")
     pointer = json.loads(found.stdout.strip().splitlines()[-1] or "{}")
     if pointer.get("digest"):
         print(f"stage {stage}: a checkpoint promoted from the same config exists ({pointer['uri']}); not training")
@@ -122,8 +119,8 @@ def promote_stage(
     init_digest: str,
     training: str,
     overrides: str,
-) -> Pointer:
-    """Promote the stage's final checkpoint with `bagel ckpt promote`; return its pointer.
+) -> NamedTuple("Pointer", [("uri", str), ("digest", str)]):
+    """Promote the stage's final checkpoint with `bagel ckpt promote`; return its pointer (uri, digest).
 
     A skipped stage passes (init_from, init_digest) through; a reused stage
     returns the existing promoted checkpoint. `init_digest` is an input so the
@@ -157,7 +154,10 @@ def promote_stage(
         command = [*bagel, "ckpt", "promote", "--config", config_of(stage), "--run", run_name, "--storage", storage]
         if next_stage:
             command += ["--next-config", config_of(next_stage)]
-    completed = subprocess.run([*command, f"run.init_from={init_from}", *extra], check=True, capture_output=True, text=True)
+    init_override = [f"run.init_from={init_from}"] if init_from else []
+    completed = subprocess.run([*command, *init_override, *extra], capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[1:3])} failed with exit code {completed.returncode}: {completed.stderr[-2000:]}")
     pointer = json.loads(completed.stdout.strip().splitlines()[-1])
     if not pointer.get("uri") or not pointer.get("digest"):
         raise RuntimeError(f"promotion of stage {stage} returned no checkpoint: {completed.stdout!r}")

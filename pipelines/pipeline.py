@@ -6,8 +6,8 @@ is the `init_from` of the next; the pipeline's outputs are the last stage's poin
 
 A disabled stage (run_<stage>=false) passes its input pointer through, so any subset of stages
 can run, in order. `build_pipeline` returns the pipeline function for a step image and a storage
-Secret; kfp-kubernetes settings (Secret as environment, node selector, pod labels, namespace
-from the downward API) apply on a cluster and are ignored by the local runner.
+Secret. Its kfp-kubernetes settings (Secret as environment, node selector, pod labels, namespace
+from the downward API) apply on a cluster, and the local runner ignores them.
 """
 
 # No `from __future__ import annotations`: kfp reads the pipeline's type hints at runtime.

@@ -36,7 +36,8 @@ def test_qwen_offline_tokenizer_matches_qwen25_ids():
     tok = load_tokenizer("qwen-offline")
     # Qwen2.5's tokenizer encodes "Hello world" as [9707, 1879].
     assert tok.encode("Hello world") == [9707, 1879]
-    assert tok.special_tokens.bos == 151644 and tok.special_tokens.end_of_image == 151653
+    assert tok.special_tokens.bos == 151644
+    assert tok.special_tokens.end_of_image == 151653
     assert 151644 not in tok.encode("<|im_start|>")
     assert tok.decode(tok.encode("a photo of a cat")) == "a photo of a cat"
 
@@ -99,7 +100,8 @@ def _round_trip(tmp_path, dest_root, storage_options=None):
     t2i_m, vlm_m, edit_m = (read_manifest(uris[k], storage_options) for k in ("t2i", "vlm", "edit"))
     assert (t2i_m.kind, vlm_m.kind, edit_m.kind) == ("t2i", "vlm", "edit")
     assert [s.num_samples for s in t2i_m.shards] == [4, 2]
-    assert vlm_m.num_samples == 5 and len(vlm_m.shards) == 3
+    assert vlm_m.num_samples == 5
+    assert len(vlm_m.shards) == 3
     assert edit_m.num_samples == 4
     t2i_records = _read_all(t2i_m)
     assert [r.images[0] for r in t2i_records] == images  # image bytes are stored unchanged
@@ -115,7 +117,8 @@ def _round_trip(tmp_path, dest_root, storage_options=None):
         for index, shard in enumerate(manifest.shards):
             fs, path = new_filesystem(manifest.shard_uri(index), storage_options)
             data = fs.cat_file(path)
-            assert len(data) == shard.num_bytes and hashlib.sha256(data).hexdigest() == shard.sha256
+            assert len(data) == shard.num_bytes
+            assert hashlib.sha256(data).hexdigest() == shard.sha256
     return uris
 
 
@@ -124,7 +127,8 @@ def test_prepare_round_trip_file(tmp_path):
     report = inspect_dataset(uris["edit"], num_samples=2, verify=True)
     assert report["verified"] and not report["errors"]
     roles = [item.split()[1] for item in report["samples"][0]["items"] if item.startswith("image")]
-    assert roles[:2] == ["vae_clean", "vit"] and roles[-1] == "vae_noised"
+    assert roles[:2] == ["vae_clean", "vit"]
+    assert roles[-1] == "vae_noised"
 
 
 @pytest.mark.s3
@@ -168,6 +172,7 @@ def test_demo_to_s3_then_inspect_cli(s3_server):
                               "--samples", "2", "--verify", "--json"], env=env, capture_output=True, text=True, timeout=120)
     assert inspect.returncode == 0, inspect.stderr
     report = json.loads(inspect.stdout)
-    assert report["num_samples"] == len(PHOTOS) and report["verified"]
+    assert report["num_samples"] == len(PHOTOS)
+    assert report["verified"]
     assert report["samples"][0]["items"][0].startswith("text loss=False cfg=True")
     assert "image vae_noised" in report["samples"][0]["items"][1]

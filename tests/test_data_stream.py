@@ -73,12 +73,14 @@ def test_packing_invariants_and_no_sample_lost(text_data):
     packs = _take(loader, 40)
     ids = _ids(packs)
     first_epoch = ids[:60]
-    assert sorted(first_epoch) == sorted(set(first_epoch)) and len(set(first_epoch)) == 60
+    assert sorted(first_epoch) == sorted(set(first_epoch))
+    assert len(set(first_epoch)) == 60
     budget = config.packing
     for p in packs:
         assert p.length <= budget.max_tokens
         assert sum(p.split_lens) == p.length == len(p.position_ids)
-        assert set(p.attn_modes) <= set(ATTN_MODES) and len(p.attn_modes) == len(p.split_lens)
+        assert set(p.attn_modes) <= set(ATTN_MODES)
+        assert len(p.attn_modes) == len(p.split_lens)
         # Splits never straddle samples: the cumulative split ends include every sample end.
         ends, acc = set(), 0
         for n in p.split_lens:
@@ -93,9 +95,12 @@ def test_packing_invariants_and_no_sample_lost(text_data):
         for n in p.sample_lens:
             assert int(p.position_ids[start]) == 0
             start += n
-        assert len(p.text_ids) == len(p.text_indexes) and len(p.ce_labels) == len(p.ce_indexes)
+        assert len(p.text_ids) == len(p.text_indexes)
+        assert len(p.ce_labels) == len(p.ce_indexes)
     metrics = loader.metrics()
-    assert metrics["samples"] == len(ids) and metrics["packs"] == 40 and metrics["skipped"] == 0
+    assert metrics["samples"] == len(ids)
+    assert metrics["packs"] == 40
+    assert metrics["skipped"] == 0
 
 
 def test_determinism_and_seed(text_data):
@@ -116,7 +121,8 @@ def test_mixture_weights_and_mandatory(text_data):
     n = m["samples/a"] + m["samples/b"]
     share = m["samples/a"] / n
     # Binomial standard deviation at p = 0.75 is sqrt(p (1-p) / n); allow 4 of them.
-    assert n > 500 and abs(share - 0.75) < 4 * (0.75 * 0.25 / n) ** 0.5, (share, n)
+    assert n > 500, (share, n)
+    assert abs(share - 0.75) < 4 * (0.75 * 0.25 / n) ** 0.5, (share, n)
 
     datasets = [{"name": "a", "uri": text_data["a"], "weight": 1.0}, {"name": "b", "uri": text_data["b"], "weight": 0.0, "mandatory": True}]
     loader = build_data_loader(_config(datasets), TINY, 0, 1)
@@ -199,7 +205,8 @@ def test_bad_input_classified_by_reason(tmp_path):
     assert reasons["corrupt_image"] == reasons["zero_size_image"] == reasons["missing_field"] == reasons["too_long"] == 1
     assert reasons["unreadable_object"] == 3
     assert reasons["truncated_shard"] == 2  # the cut shard keeps its first sample only
-    assert len(good) + sum(reasons.values()) == 24 and len(set(good)) == len(good)
+    assert len(good) + sum(reasons.values()) == 24
+    assert len(set(good)) == len(good)
 
 
 def test_bad_input_is_skipped_and_training_continues(tmp_path, caplog):
@@ -217,7 +224,8 @@ def test_bad_input_is_skipped_and_training_continues(tmp_path, caplog):
     assert m["skipped"] == sum(v for k, v in m.items() if k.startswith("skipped/"))
     assert not any(s.endswith(("s000001", "s000004", "s000007", "s000010")) for s in _ids(packs))
     text = caplog.text
-    assert "s000001" in text and "shard-00000.tar" in text  # warnings name the sample key and the shard
+    assert "s000001" in text
+    assert "shard-00000.tar" in text  # warnings name the sample key and the shard
     assert "shard-00007.tar" in text
 
 
@@ -250,7 +258,7 @@ def test_s3_streaming_two_ranks_two_workers(demo_s3, s3_server, monkeypatch):
 
 
 class _SlowDownProxy:
-    """A loopback HTTP proxy in front of the S3 server that answers 503 SlowDown to the first N GETs.
+    """A loopback HTTP proxy in front of the S3 server that returns 503 SlowDown to the next N GETs.
 
     Stand-in for a throttling S3 endpoint (neither SeaweedFS nor moto throttles on demand).
     """
@@ -329,7 +337,8 @@ def test_throttling_is_retried_and_counted(s3_server, monkeypatch):
             ids += next(loader).sample_ids
         m = loader.metrics()
         assert proxy.answered_503 == 4
-        assert m["retries"] == 4 and m["skipped"] == 0
+        assert m["retries"] == 4
+        assert m["skipped"] == 0
         assert len(set(ids[:12])) == 12
 
         # A server that keeps throttling past the attempts: the shard is counted unreadable, nothing hangs.
@@ -340,3 +349,72 @@ def test_throttling_is_retried_and_counted(s3_server, monkeypatch):
             build_data_loader(config, TINY, 0, 1)  # the manifest itself cannot be read
     finally:
         proxy.close()
+
+
+def test_memory_filesystem_with_workers():
+    """memory:// works with forked workers (they inherit the parent's in-memory store)."""
+    uri = write_text_dataset("memory://bagel-test/mem", "mem", 20, 4, max_words=8)
+    config = _config([{"name": "mem", "uri": uri}], num_workers=2)
+    loader = build_data_loader(config, TINY, 0, 1)
+    ids = _ids(_take(loader, 4))
+    loader.close()
+    assert ids and all(s.startswith("mem/") for s in ids)
+
+
+def test_sample_randomness_does_not_depend_on_the_layout(tmp_path):
+    """A sample gets the same noise seeds and timestep logits with 1 or 2 ranks (seeded by its global index)."""
+    uri = write_image_dataset(f"file://{tmp_path}/img", "img", 16, 2)
+    config = _config([{"name": "img", "uri": uri}], packing={"expected_tokens": 1, "max_tokens": 400, "max_tokens_per_sample": 300})
+
+    def per_sample(rank, dp_size, packs):
+        out = {}
+        for p in _take(build_data_loader(config, TINY, rank, dp_size), packs):
+            assert len(p.sample_ids) == 1  # expected_tokens=1: one sample per pack
+            out[p.sample_ids[0]] = (p.vae_noise_seeds, p.vae_timestep_logits.tolist(), p.text_ids.tolist())
+        return out
+
+    single = per_sample(0, 1, 16)  # one epoch: all 16 samples
+    split = {**per_sample(0, 2, 8), **per_sample(1, 2, 8)}
+    assert set(single) == set(split)
+    assert len(single) == 16
+    assert all(single[k] == split[k] for k in single)
+
+
+def test_skip_threshold_raised_from_a_worker(tmp_path):
+    uri = _bad_dataset(tmp_path)
+    config = _config([{"name": "bad", "uri": uri}], num_workers=2, skip_threshold=0.01, skip_min_samples=5)
+    loader = build_data_loader(config, TINY, 0, 1)
+    with pytest.raises(DataError, match="dataset bad"):
+        _take(loader, 20)
+    loader.close()
+
+
+def test_exact_resume_with_images(tmp_path):
+    """Resume of packs with images: same sample ids, pixels, timesteps and noise seeds."""
+    uri = write_image_dataset(f"file://{tmp_path}/img", "img", 12, 3)
+    config = _config([{"name": "img", "uri": uri}], num_workers=2)
+    reference = _take(build_data_loader(config, TINY, 0, 1), 6)
+    first = build_data_loader(config, TINY, 0, 1)
+    head = _take(first, 3)
+    state = first.state_dict()
+    first.close()
+    second = build_data_loader(config, TINY, 0, 1)
+    second.load_state_dict(state)
+    tail = _take(second, 3)
+    second.close()
+    assert _digest(head + tail) == _digest(reference)
+    for a, b in zip(head + tail, reference):
+        assert all((x == y).all() for x, y in zip(a.vae_images, b.vae_images))
+
+
+def test_config_errors_name_the_value(text_data):
+    with pytest.raises(ValueError, match=r"unknown keys \['shufle_buffer'\]"):
+        DataConfig.from_dict({"datasets": [], "shufle_buffer": 3})
+    with pytest.raises(DataError, match="data.datasets is empty"):
+        build_data_loader(DataConfig(), TINY, 0, 1)
+    bad_packing = _config([{"name": "a", "uri": text_data["a"]}], packing={"expected_tokens": 600, "max_tokens": 512})
+    with pytest.raises(DataError, match="expected_tokens <= max_tokens"):
+        build_data_loader(bad_packing, TINY, 0, 1)
+    qwen = _config([{"name": "a", "uri": text_data["a"]}], tokenizer="qwen-offline")
+    with pytest.raises(DataError, match="use 'byte' for tiny"):
+        build_data_loader(qwen, TINY, 0, 1)

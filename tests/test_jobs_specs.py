@@ -225,6 +225,12 @@ def test_packaged_configs_plan():
             validate_object(plan.job_object())
 
 
+def test_empty_init_from_left_out():
+    run = StageRun("tiny/pretrain", "run-a", "pretrain", "s3://bucket/bagel")
+    args = build_trainjob(job_config_from_dict({}), run, 60)["spec"]["trainer"]["args"]
+    assert not any(arg.startswith("run.init_from") for arg in args)
+
+
 def test_split_overrides():
     launcher, trainer = split_overrides(["job.nodes=2", "run.name=x", "train.steps=5"])
     assert launcher == ["job.nodes=2"]

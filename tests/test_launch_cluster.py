@@ -2,10 +2,10 @@
 
 No real API server can run here, so the launcher talks to kmock's emulator on
 127.0.0.1 (bagel.platform.launch.standin). A test driver thread plays the
-job controller, the scheduler and the kubelet through the same HTTP API: it
+job controller, the scheduler and the kubelet through the same HTTP API. It
 creates the job's pods with the labels the controller would copy from the
-template, moves them through their phases, writes the rank-0 log, sets the
-job's conditions, and deletes pods once their job is gone (garbage collection).
+template and moves them through their phases. It also writes the rank-0 log,
+sets the job's conditions, and deletes pods once their job is gone.
 """
 
 import _thread
@@ -399,6 +399,45 @@ def test_dropped_watch_resumes(standin):
     assert resumed, "no watch request after the drop"
     assert all(query.get("resourceVersion") for query in resumed)
     assert resumed[0]["fieldSelector"] == f"metadata.name={launcher.name}"
+
+
+def test_kueue_eviction_resubmits(standin):
+    plan = make_plan(run="kueue-evicted", scheduling={"kueue_queue": "gpu"})
+
+    def scenario(driver, job, submission):
+        if submission > 1:
+            return run_to_success(driver, job, submission)
+        pods = driver.create_pods(job, submission)
+        driver.run_pods(pods)
+        time.sleep(0.3)
+        driver.custom.create_namespaced_custom_object(
+            "kueue.x-k8s.io", "v1beta2", NAMESPACE, "workloads",
+            {
+                "apiVersion": "kueue.x-k8s.io/v1beta2",
+                "kind": "Workload",
+                "metadata": {
+                    "name": f"trainjob-{driver.name}-1",
+                    "namespace": NAMESPACE,
+                    "ownerReferences": [{"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "name": driver.name, "uid": job["metadata"]["uid"]}],
+                },
+                "status": {"conditions": [{"type": "Evicted", "status": "True", "reason": "Preempted", "message": "Preempted to accommodate a higher priority Workload"}]},
+            },
+        )
+        for name in pods:
+            driver.core.delete_namespaced_pod(name, NAMESPACE)
+        driver.set_conditions([{"type": "Suspended", "status": "True", "reason": "Suspended"}])
+
+    with ClusterDriver(standin, plan, scenario) as driver:
+        launcher = ClusterLauncher(plan, standin.api_client(), options=FAST, out=io.StringIO())
+        first = launcher._run_submission(1)
+        launcher._cleanup()
+        assert first.outcome is Outcome.PREEMPTED
+        assert first.reason == "KueueEvicted"
+        assert "higher priority Workload" in first.message
+        result = launcher._run_submission(2)
+        launcher._cleanup()
+    assert result.outcome is Outcome.SUCCEEDED
+    assert driver.jobs_seen[0]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
 
 
 def test_interrupt_deletes_job(standin):

@@ -1,9 +1,9 @@
 """The local launch backend: torchrun on this machine with the cluster's outcome rules.
 
 The ranks run a tiny stand-in training command (written below) instead of
-`bagel train`, so these tests check the launcher's wiring alone: exit-code
-propagation through torchrun, reruns after preemption that resume from the
-stand-in's "checkpoint" file, and no rerun after a user error. The stand-in
+`bagel train`, so these tests check the launcher's wiring alone. They cover
+exit-code propagation through torchrun, reruns after preemption that resume
+from the stand-in's "checkpoint" file, and no rerun after a user error. The stand-in
 honours the same contract as the trainer: it resumes from
 `{storage}/runs/{run}/{stage}/`, stops with exit code 75 after SIGTERM, uses
 the BAGEL_FAULT_SIGTERM_AT_STEP hook (rank 0 signals its process group), and
@@ -12,6 +12,7 @@ exits 2 on an invalid config.
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from bagel.platform.exit_codes import ExitCode
 from bagel.platform.jobs.build import plan_stage
 from bagel.platform.launch.local import LocalLauncher, classify_exit
 from bagel.platform.launch.node import combine_exit_codes
-from bagel.platform.launch.outcome import Outcome
+from bagel.platform.launch.outcome import Outcome, strip_torchrun_report
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -130,6 +131,31 @@ def test_cli_local_launch(stage):
     assert (tmp_path / "store/runs/cli-run/pretrain/summary.json").exists()
 
 
+@pytest.mark.slow
+def test_real_trainer_resumes(tmp_path):
+    """`bagel launch --backend local` with the real `bagel train` on the tiny config: preempted at step 1, resumed, done."""
+    demo = subprocess.run([sys.executable, "-m", "bagel.platform", "data", "demo", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    assert demo.returncode == 0, demo.stderr
+    env = {**os.environ, "BAGEL_DATA_ROOT": f"file://{tmp_path}/data"}
+    storage = f"file://{tmp_path}/store"
+    result_file = tmp_path / "result.json"
+    completed = subprocess.run(
+        [
+            sys.executable, "-m", "bagel.platform", "launch", "--backend", "local", "--config", "tiny/pretrain",
+            "--run", "real-run", "--storage", storage, "--preempt", "pretrain:1", "--result-file", str(result_file),
+            "train.steps=2", "checkpoint.interval_steps=1", "metrics.gpu_health=false", "job.retry.backoff_s=0",
+        ],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    logs = completed.stdout + completed.stderr
+    assert completed.returncode == 0, logs[-4000:]
+    summary = json.loads(result_file.read_text())
+    assert summary["outcome"] == "succeeded"
+    assert summary["submissions"] == 2
+    assert "resumed from checkpoint" in logs
+    assert (tmp_path / "store/runs/real-run/pretrain/summary.json").exists()
+
+
 def test_cli_dry_run_prints_valid_job(stage):
     _, _, config = stage
     completed = subprocess.run(
@@ -180,6 +206,20 @@ def test_classify_exit(code, outcome, reason):
     result = classify_exit(code, ["last line"])
     assert result.outcome is outcome
     assert result.reason == reason
+
+
+def test_torchrun_report_stripped():
+    lines = [
+        "ERROR bagel.train: run.init_from=None is invalid: expected a string",
+        "E1204 21:21:44.116000 23040 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 2)",
+        "Traceback (most recent call last):",
+        '  File "torch/distributed/run.py", line 1032, in <module>',
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+        "============================================================",
+        "  exitcode  : 2 (pid: 23065) ",
+    ]
+    assert strip_torchrun_report(lines) == lines[:1]
+    assert strip_torchrun_report(["plain failure"]) == ["plain failure"]
 
 
 def test_classify_collective_timeout():

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from bagel.platform.metrics.tensorboard import TensorBoardSync, read_scalars
 
 
@@ -60,3 +62,27 @@ def test_background_thread_syncs(tmp_path: Path) -> None:
         time.sleep(0.05)
     assert writer.uploaded_files, "the background thread uploaded nothing within 10 s"
     writer.close()
+
+
+@pytest.mark.s3
+def test_sync_to_s3_uploads_each_segment_once(s3_server, tmp_path: Path) -> None:
+    """Event files reach a real S3 server (SeaweedFS on loopback) one closed segment at a time."""
+    import fsspec
+
+    s3_server.make_bucket("tb-sync")
+    writer = TensorBoardSync("s3://tb-sync/run/tensorboard", sync_every_s=3600, storage_options=s3_server.storage_options)
+    for step in range(30):
+        writer.add_scalars(step, {"loss/total": 1.0 / (step + 1)})
+        if step % 10 == 9:
+            writer.sync()
+    writer.close()
+
+    fs = fsspec.filesystem("s3", **s3_server.storage_options)
+    objects = fs.ls("tb-sync/run/tensorboard", detail=True)
+    assert len(objects) == 3
+    assert writer.uploaded_bytes == sum(obj["size"] for obj in objects)
+    local = tmp_path / "download"
+    local.mkdir()
+    for obj in objects:
+        fs.get_file(obj["name"], str(local / Path(obj["name"]).name))
+    assert [step for step, _ in read_scalars(str(local))["loss/total"]] == list(range(30))

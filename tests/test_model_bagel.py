@@ -138,6 +138,7 @@ def test_routing_gen_only_batch(config, vae):
     packed = random_pack(config, seed=7, num_samples=2, kinds=["t2i", "t2i"])
     # Keep only the latent tokens: drop the captions and the image markers (all text, und expert).
     keep = packed.vae_indexes
+
     new_position = torch.full((packed.length,), -1, dtype=torch.long)
     new_position[keep] = torch.arange(keep.numel())
     lengths = [(rows * cols) for rows, cols in packed.vae_latent_grids]
@@ -154,6 +155,7 @@ def test_routing_gen_only_batch(config, vae):
         ce_indexes=packed.ce_indexes[:0],
         ce_labels=packed.ce_labels[:0],
     )
+
     sums = model(vae_only, _latents(vae, packed))
     assert sums.ce_tokens == 0
     assert sums.mse_tokens == keep.numel()
@@ -199,7 +201,7 @@ def test_both_terms_absent_total_zero():
     terms = normalize(sums, 0, 0, 0.25, 1.0)
     assert terms.ce is None
     assert terms.mse is None
-    assert float(terms.total) == 0.0
+    assert float(terms.total.detach()) == 0.0
     terms.total.backward()
     assert torch.equal(weight.grad, torch.zeros(3))
 

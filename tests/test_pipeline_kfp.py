@@ -1,8 +1,7 @@
 """The Kubeflow pipeline: compile to IR, submit through kfp.Client, and run with kfp's local runner.
 
-`bagel submit` is tested up to the HTTP requests it sends: a small server on
-127.0.0.1 stands in for the KFP API server and records them (no real one can
-run here). `bagel run --local` runs on kfp's real local runner, with the
+`bagel submit` is tested up to the HTTP requests it sends. No real KFP API
+server can run here, so a small server on 127.0.0.1 replaces it and records them. `bagel run --local` runs on kfp's real local runner, with the
 local launch backend; the ranks run a tiny stand-in training command and the
 `ckpt` commands a tiny stand-in promotion CLI (both written below, through the
 components' BAGEL_LAUNCH_SCRIPT / BAGEL_CLI_STANDIN test hooks) until the
@@ -34,8 +33,9 @@ stage_dir.mkdir(parents=True, exist_ok=True)
 marker = stage_dir / f"step-rank{rank}"
 start = int(marker.read_text()) if marker.exists() else 0
 if rank == 0:
-    print(f"stage {args['run.stage']} starts at step {start} from {args['run.init_from'] or 'scratch'}", flush=True)
-    (stage_dir / "init_from").write_text(args["run.init_from"])
+    init_from = args.get("run.init_from", "")
+    print(f"stage {args['run.stage']} starts at step {start} from {init_from or 'scratch'}", flush=True)
+    (stage_dir / "init_from").write_text(init_from)
 stopping = []
 signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
 fault = os.environ.get("BAGEL_FAULT_SIGTERM_AT_STEP")
@@ -71,7 +71,7 @@ promoted = storage / "promoted" / digest
 if command == "find-promoted":
     print(json.dumps({"uri": f"file://{promoted}", "digest": digest} if promoted.exists() else {}))
 elif command == "promote":
-    stage = options["--config"].rsplit("/", 1)[-1]
+    stage = Path(options["--config"]).stem
     source = storage / "runs" / options["--run"] / stage
     assert (source / "step-rank0").read_text() == "3", "the stage did not finish"
     shutil.copytree(source, promoted, dirs_exist_ok=True)
@@ -131,7 +131,7 @@ def test_compile_writes_valid_ir(tmp_path):
 
 
 class _KfpApiStandIn(BaseHTTPRequestHandler):
-    """Answers the few KFP v2beta1 calls of create_run_from_pipeline_package and records them."""
+    """Replies to the few KFP v2beta1 calls of create_run_from_pipeline_package and records them."""
 
     requests: list = []
 

@@ -21,7 +21,8 @@ def test_packaged_config_loads(name: str) -> None:
     config = load_run_config(name)
     assert config.run.stage == name.split("/")[1]
     assert config.model.name == name.split("/")[0]
-    assert config.optim.betas == [0.9, 0.95] and config.optim.eps == 1e-15
+    assert config.optim.betas == [0.9, 0.95]
+    assert config.optim.eps == 1e-15
 
 
 def test_stage_hyper_parameters() -> None:

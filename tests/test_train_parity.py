@@ -1,8 +1,8 @@
 """Parallel layouts train the tiny model exactly like one process (CPU, gloo, fp32, fixed packs).
 
 Each layout runs `bagel.platform.train.testing` under torchrun for 3 steps on
-the same global batch of 2 fixed synthetic packs per step (data-parallel
-ranks split it, gradient accumulation makes up the rest), and its per-step
+the same global batch of 2 fixed synthetic packs per step. Data-parallel ranks
+split that batch and gradient accumulation makes up the rest. The per-step
 losses and global grad norms must equal the single-process run within 1e-5
 relative.
 """

@@ -51,7 +51,9 @@ resume, whose checksums match) is ever loaded.
 """
 
 import logging
+import re
 import threading
+import zlib
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -60,13 +62,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
 from bagel.platform.checkpoint import storage
 from bagel.platform.checkpoint.config import CheckpointConfig
 from bagel.platform.checkpoint.goodput import GoodputTracker
 from bagel.platform.checkpoint.listing import CheckpointEntry, inspect_checkpoint, scan_checkpoints, step_dir_name
 from bagel.platform.checkpoint.manifest import check_checksums
+from bagel.platform.checkpoint.reader import WholeFileReader
 from bagel.platform.checkpoint.states import PerRankState, saved_rank_count
 from bagel.platform.checkpoint.writer import ManifestWriter
 from bagel.platform.exit_codes import UsageError
@@ -117,6 +119,7 @@ class CheckpointManager:
         self._pg = dist.new_group(backend="gloo") if self.distributed else None
 
         self._future: Future | None = None
+        self._read_cache: dict[str, bytes] = {}  # checked file contents kept for the next load
         self._committed_event = threading.Event()
         self._pending_step: int | None = None
         self._last_saved_step: int | None = None
@@ -308,12 +311,18 @@ class CheckpointManager:
         return scan_checkpoints(self.root, self.storage_options)
 
     def _verify_checksums(self, entry: CheckpointEntry) -> list[str]:
-        """Hash this rank's share of the files and return every rank's problems."""
+        """Hash this rank's share of the files and return every rank's problems.
+
+        A rank checks the shard files its own rank number wrote (the ones it
+        reads back when the layout is unchanged) and keeps their content for
+        the load; the other files are spread round-robin.
+        """
+        self._read_cache = {}
         if not self.config.verify_checksums:
             return []
         fs, path = storage.open_fs(entry.uri, self.storage_options)
-        names = sorted(entry.manifest.files)[self.rank :: self.world_size]
-        problems = check_checksums(fs, path, entry.manifest, names)
+        names = [name for name in sorted(entry.manifest.files) if _writer_rank(name, self.world_size) == self.rank]
+        problems = check_checksums(fs, path, entry.manifest, names, keep=self._read_cache)
         if not self.distributed:
             return problems
         gathered: list[list[str] | None] = [None] * self.world_size
@@ -321,7 +330,7 @@ class CheckpointManager:
         return [problem for rank_problems in gathered for problem in rank_problems or []]
 
     def _load(self, entry: CheckpointEntry, states: dict[str, Any]) -> None:
-        reader = FsspecReader(entry.uri, **self.storage_options)
+        reader = WholeFileReader(entry.uri, cache=self._read_cache, **self.storage_options)
         keys = list(reader.read_metadata().state_dict_metadata)
         missing = [name for name in states if not any(key == name or key.startswith(name + ".") for key in keys)]
         if missing:
@@ -334,6 +343,7 @@ class CheckpointManager:
                 state.saved_size = saved_rank_count(keys, name)
         begin = time.monotonic()
         dcp.load(states, storage_reader=reader, process_group=self._pg)
+        self._read_cache = {}
         logger.info("loaded %s from %s in %.2f s", ", ".join(states), entry.uri, time.monotonic() - begin)
 
     def _remove_newer_than(self, step: int, candidates: list[CheckpointEntry]) -> None:
@@ -359,3 +369,14 @@ class CheckpointManager:
         tensor = torch.tensor([1 if flag else 0], dtype=torch.int32)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._pg)
         return bool(tensor.item())
+
+
+_SHARD_FILE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
+
+
+def _writer_rank(name: str, world_size: int) -> int:
+    """Return the rank that checks file `name`: for a shard `__{r}_{i}.distcp`, rank r (mod world size)."""
+    match = _SHARD_FILE.match(name)
+    if match is not None:
+        return int(match.group(1)) % world_size
+    return zlib.crc32(name.encode()) % world_size

@@ -7,6 +7,7 @@ its size and SHA-256: a size check (one listing) catches a truncated or
 missing file, and the checksum check catches a corrupted one.
 """
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -90,11 +91,26 @@ def check_sizes(fs: AbstractFileSystem, directory: str, manifest: Manifest) -> l
     return problems
 
 
-def check_checksums(fs: AbstractFileSystem, directory: str, manifest: Manifest, names: list[str]) -> list[str]:
-    """Hash the files `names` and return one problem per SHA-256 mismatch."""
+def check_checksums(
+    fs: AbstractFileSystem, directory: str, manifest: Manifest, names: list[str], keep: dict[str, bytes] | None = None
+) -> list[str]:
+    """Hash the files `names` and return one problem per SHA-256 mismatch.
+
+    With `keep`, each file is read whole and its content stored there (by
+    name) when it matches, so a following load need not read it again.
+    """
     problems = []
     for name in names:
-        actual = storage.sha256_file(fs, storage.join(directory, name))
+        path = storage.join(directory, name)
+        if keep is None:
+            actual = storage.sha256_file(fs, path)
+        else:
+            from bagel.platform.checkpoint.reader import read_whole
+
+            data = read_whole(fs, path)
+            actual = hashlib.sha256(data).hexdigest()
         if actual != manifest.files[name].sha256:
             problems.append(f"{name} has SHA-256 {actual[:16]}..., the manifest records {manifest.files[name].sha256[:16]}...")
+        elif keep is not None:
+            keep[name] = data
     return problems

@@ -44,7 +44,13 @@ def _gib(value: int) -> str:
 
 def run_summary(args: argparse.Namespace) -> int:
     from bagel.model.configs import get_model_config
-    from bagel.model.flops import count_parameters, llm_flops_per_token, meta_model, training_memory
+    from bagel.model.flops import (
+        count_parameters,
+        llm_flops_per_token,
+        meta_model,
+        training_memory,
+        vit_flops_per_token,
+    )
 
     try:
         config = get_model_config(args.config)
@@ -59,6 +65,9 @@ def run_summary(args: argparse.Namespace) -> int:
     memory = training_memory(counts)
     flops = llm_flops_per_token(config, args.seq_len)
     dense_flops = llm_flops_per_token(config, 0)
+    # ViT FLOPs for the largest image the position table admits.
+    vit_image_tokens = config.vit_max_num_patch_per_side**2
+    vit_flops = vit_flops_per_token(config, vit_image_tokens)
     report = {
         "config": args.config,
         "total_params": counts.total,
@@ -75,6 +84,8 @@ def run_summary(args: argparse.Namespace) -> int:
         "seq_len": args.seq_len,
         "flops_per_token_6n": dense_flops,
         "flops_per_token": flops,
+        "vit_flops_per_patch": vit_flops,
+        "vit_image_patches": vit_image_tokens,
         "bytes_weights_fp32": memory.weights_fp32,
         "bytes_weights_bf16": memory.weights_bf16,
         "bytes_grads_fp32": memory.grads_fp32,
@@ -98,6 +109,7 @@ def run_summary(args: argparse.Namespace) -> int:
         ("  sin-cos tables (frozen)", _human(counts.position_tables), ""),
         ("FLOPs per LLM token, 6N (N = one expert's matmuls + lm_head)", _human(dense_flops), ""),
         (f"FLOPs per LLM token, 6N + attention at {args.seq_len} tokens", _human(flops), ""),
+        (f"FLOPs per ViT patch (+ connector) in a {vit_image_tokens}-patch image", _human(vit_flops), ""),
         ("weights fp32 / bf16", f"{_gib(memory.weights_fp32)} / {_gib(memory.weights_bf16)}", ""),
         ("grads fp32", _gib(memory.grads_fp32), ""),
         ("Adam state fp32 (m + v)", _gib(memory.adam_fp32), ""),

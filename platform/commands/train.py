@@ -50,6 +50,13 @@ def run_train(args: argparse.Namespace) -> int:
     except UsageError as error:
         logger.error("%s", error)
         return ExitCode.USAGE_ERROR
+    except Exception as error:
+        from bagel.platform.train.trainer import LossSpikeStop
+
+        if not isinstance(error, LossSpikeStop):
+            raise
+        logger.error("training stopped: %s", error)
+        return ExitCode.FAILURE
     finally:
         import torch.distributed as dist
 

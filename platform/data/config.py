@@ -22,7 +22,7 @@ from typing import Any
 
 @dataclass
 class ImageTransformConfig:
-    """How images of one role are resized before they enter the model.
+    """Resize rules for the images of one role, applied before they enter the model.
 
     Resize keeps the aspect ratio so the long side is <= max_side and the short
     side >= min_side (min_side wins), caps H * W at max_pixels divided by the
@@ -45,7 +45,7 @@ class DatasetConfig:
     name: str  # unique within the mixture; appears in sample ids, metrics and errors
     uri: str  # manifest URI: file://, s3://, memory:// or a local path
     weight: float = 1.0  # relative sampling weight among the draws after mandatory ones
-    mandatory: bool = False  # every pack holds at least one sample of it (when it fits)
+    mandatory: bool = False  # every pack contains at least one sample of it (when it fits)
     vae_transform: ImageTransformConfig = field(default_factory=ImageTransformConfig)
     vit_transform: ImageTransformConfig = field(default_factory=ImageTransformConfig)
 
@@ -54,8 +54,8 @@ class DatasetConfig:
 class PackingConfig:
     """Token budget of one packed sequence (tokens = text + ViT patches + VAE latents)."""
 
-    expected_tokens: int = 384  # a pack is closed once it holds at least this many
-    max_tokens: int = 512  # a pack never holds more
+    expected_tokens: int = 384  # a pack is closed once it contains at least this many
+    max_tokens: int = 512  # a pack never contains more
     max_tokens_per_sample: int = 384  # longer samples are skipped as "too_long"; <= max_tokens
 
 
@@ -85,6 +85,33 @@ class DataConfig:
     read_ahead_bytes: int = 8 * 2**20  # bytes fetched per storage request while streaming a shard
     retry: RetryConfig = field(default_factory=RetryConfig)
     storage_options: dict[str, Any] = field(default_factory=dict)  # extra fsspec arguments (s3: key, secret, client_kwargs)
+
+    def validate(self) -> None:
+        """Check the section on its own (the loader also checks it against the model); raises ValueError."""
+        if not self.datasets:
+            raise ValueError("data.datasets is empty: list at least one dataset manifest URI")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"data.datasets names must be unique and non-empty, got {names}")
+        for d in self.datasets:
+            if not d.uri:
+                raise ValueError(f"data.datasets[{d.name}].uri is empty: give the manifest URI")
+            if d.weight < 0:
+                raise ValueError(f"data.datasets[{d.name}].weight={d.weight} is invalid: use a weight >= 0")
+        if not any(d.weight > 0 for d in self.datasets):
+            raise ValueError("data.datasets: at least one dataset needs weight > 0")
+        p = self.packing
+        if not 0 < p.max_tokens_per_sample <= p.max_tokens or not 0 < p.expected_tokens <= p.max_tokens:
+            raise ValueError(
+                f"data.packing needs 0 < max_tokens_per_sample <= max_tokens and 0 < expected_tokens <= max_tokens, got {p}"
+            )
+        if self.num_workers < 0 or self.shuffle_buffer < 1 or self.prefetch_factor < 1:
+            raise ValueError(
+                f"data.num_workers={self.num_workers}, shuffle_buffer={self.shuffle_buffer}, "
+                f"prefetch_factor={self.prefetch_factor}: use num_workers >= 0 and the others >= 1"
+            )
+        if not 0 <= self.skip_threshold <= 1:
+            raise ValueError(f"data.skip_threshold={self.skip_threshold} is invalid: use a fraction in [0, 1]")
 
     @classmethod
     def from_dict(cls, raw: Any) -> "DataConfig":

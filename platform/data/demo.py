@@ -151,7 +151,7 @@ def _edit_ops() -> list[tuple[str, tuple[str, ...], Callable, bool]]:
 
 
 def load_photo(name: str, max_side: int):
-    """A skimage.data photograph as an RGB PIL image with long side <= max_side."""
+    """Load a skimage.data photograph as an RGB PIL image with long side <= max_side."""
     import numpy as np
     import skimage.data
     from PIL import Image

@@ -7,8 +7,8 @@ the k-th pack a rank consumes comes from logical worker k mod W.
 
 Exact resume: every pack travels with its unit's state after that pack. The
 loader keeps the state of the last consumed pack per unit and the number of
-packs consumed; in-flight (prefetched) packs are not part of it, so a
-resumed run rebuilds them. On resume, physical worker w plays logical worker
+packs consumed. In-flight (prefetched) packs are not part of that state, so a
+resumed run builds them again. On resume, physical worker w plays logical worker
 (w + consumed) mod W, so the round-robin continues where it stopped.
 
 A saved state is only valid for the same dp_size, num_workers, seed and
@@ -19,8 +19,9 @@ Metrics (`PackedDataLoader.metrics()`, cumulative over the run, resumes
 included): "packs", "samples" (samples placed in packs), "tokens" (packed
 tokens after CFG dropout), "samples/<dataset>", "records" (records read),
 "skipped" (all bad records) and "skipped/<reason>" with reasons
-corrupt_image, zero_size_image, missing_field, bad_record, no_loss,
-too_long, invalid_layout, truncated_shard, unreadable_object; "retries"
+corrupt_image, zero_size_image, image_too_large, missing_field, bad_record,
+no_loss, too_long, invalid_layout, invalid_sample, truncated_shard,
+unreadable_object; "retries"
 (storage requests retried); "packs_missing_mandatory".
 """
 
@@ -53,19 +54,14 @@ def _identity(item):
 
 def validate_config(config: DataConfig, model_config) -> None:
     """Check the data config against itself and the model; raises DataError naming the bad value."""
-    if not config.datasets:
-        raise DataError("data.datasets is empty: list at least one dataset manifest URI")
-    names = [d.name for d in config.datasets]
-    if len(set(names)) != len(names) or not all(names):
-        raise DataError(f"data.datasets names must be unique and non-empty, got {names}")
-    p = config.packing
-    if not 0 < p.max_tokens_per_sample <= p.max_tokens or not 0 < p.expected_tokens <= p.max_tokens:
-        raise DataError(
-            f"data.packing needs 0 < max_tokens_per_sample <= max_tokens and 0 < expected_tokens <= max_tokens, got {p}"
-        )
-    if not any(d.weight > 0 for d in config.datasets):
-        raise DataError("data.datasets: at least one dataset needs weight > 0")
-    tokenizer = load_tokenizer(config.tokenizer)
+    try:
+        config.validate()
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    try:
+        tokenizer = load_tokenizer(config.tokenizer)
+    except (ValueError, FileNotFoundError) as error:
+        raise DataError(f"data.tokenizer: {error}") from None
     if tokenizer.special_tokens != model_config.special_tokens:
         raise DataError(
             f"tokenizer {config.tokenizer!r} has special tokens {tokenizer.special_tokens}, but the model expects "

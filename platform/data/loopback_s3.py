@@ -77,7 +77,7 @@ class S3Server:
         }
 
     def client(self):
-        """A boto3 S3 client for this server."""
+        """Create a boto3 S3 client for this server."""
         import boto3
 
         return boto3.client(
@@ -107,16 +107,16 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None, log: Pa
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             text = log.read_text(errors="replace")[-4000:] if log else ""
-            raise RuntimeError(f"S3 server exited with code {proc.returncode} before answering:\n{text}")
+            raise RuntimeError(f"S3 server exited with code {proc.returncode} before responding:\n{text}")
         try:
             urllib.request.urlopen(url, timeout=1)
             return
         except urllib.error.HTTPError:
-            return  # any HTTP answer (403 without credentials) means it is serving
+            return  # any HTTP response (403 without credentials) means it is serving
         except OSError:
             time.sleep(0.1)
     text = log.read_text(errors="replace")[-4000:] if log else ""
-    raise RuntimeError(f"S3 server at {url} did not answer within {timeout_s:.0f} s:\n{text}")
+    raise RuntimeError(f"S3 server at {url} did not respond within {timeout_s:.0f} s:\n{text}")
 
 
 @contextlib.contextmanager
@@ -181,7 +181,7 @@ def seaweedfs_server(startup_timeout_s: float = 60) -> Iterator[S3Server]:
     server = S3Server(endpoint_url=f"http://127.0.0.1:{s3}")
     try:
         wait_http(server.endpoint_url, startup_timeout_s, proc, log)
-        # The S3 gateway answers before the filer and volume server are ready:
+        # The S3 gateway responds before the filer and volume server are ready:
         # retry the first bucket creation until the cluster accepts writes.
         deadline = time.monotonic() + startup_timeout_s
         while True:

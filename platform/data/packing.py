@@ -4,7 +4,7 @@ Each pack is filled in this order:
 1. waiting samples of mandatory datasets, then one fresh sample of every
    mandatory dataset the pack still lacks;
 2. the other waiting samples, oldest first;
-3. draws of a dataset by weight until the pack holds >= expected_tokens.
+3. draws of a dataset by weight until the pack contains >= expected_tokens.
 A sample that would push the pack past max_tokens waits for the next pack:
 unlike BAGEL's reference packer, no sample is ever dropped. A waiting sample
 always fits an empty pack (every sample is <= max_tokens_per_sample <=

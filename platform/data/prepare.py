@@ -35,7 +35,7 @@ def prepare_dataset(
         writer.write(key, record, images)
         count += 1
     if count == 0:
-        raise ValueError(f"{src} holds no samples in format {fmt}")
+        raise ValueError(f"{src} contains no samples in format {fmt}")
     uri = writer.close()
     logger.info("wrote %d samples in %d shards; manifest %s", count, len(writer.shards), uri)
     return uri

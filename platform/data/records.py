@@ -53,7 +53,7 @@ def _require(record: dict, field: str, kind: type) -> object:
 
 
 def _choose_text(value: object, rng: random.Random) -> str:
-    """One of several alternative texts (a list, a dict of alternatives, or one string)."""
+    """Choose one of several alternative texts (a list, a dict of alternatives, or one string)."""
     if isinstance(value, dict):
         value = [value[k] for k in sorted(value)]
     if isinstance(value, str):
@@ -65,7 +65,7 @@ def _choose_text(value: object, rng: random.Random) -> str:
 
 
 def plan_record(record: dict, num_images: int, rng: random.Random) -> list[PlanItem]:
-    """The ordered items of a record, with images referenced by index."""
+    """Return the ordered items of a record, with images referenced by index."""
     kind = record.get("kind")
     if kind == "t2i":
         caption = _choose_text(_require(record, "captions", (list, dict, str)), rng)
@@ -111,7 +111,7 @@ def _plan_vlm(conversations: list, num_images: int) -> list[PlanItem]:
             if piece.strip():
                 items.append(("text", piece.strip(), False, False))
     if not has_loss:
-        raise SampleError("no_loss", "conversation without a gpt answer")
+        raise SampleError("no_loss", "conversation without a gpt turn")
     return items
 
 
@@ -166,10 +166,12 @@ def build_sample(
     transforms: dict[ImageRole, ImageTransformConfig],
     limits: dict[ImageRole, RoleLimits],
     max_text_chars: int,
+    shrink: float = 1.0,
 ) -> InterleavedSample:
     """Plan, tokenise and decode one record; raise SampleError(reason) when it is unusable.
 
     `max_text_chars` rejects absurdly long text before tokenising it ("too_long").
+    `shrink` (<= 1) scales every image down beyond the resize rules.
     """
     num_images = len(record["images"]) if isinstance(record.get("images"), list) else len(images)
     plan = plan_record(record, num_images, rng)
@@ -192,7 +194,7 @@ def build_sample(
         else:
             _, index, role, cfg = entry
             image = decoded[index]
-            size = target_size(image.width, image.height, transforms[role], limits[role], num_placed)
+            size = target_size(image.width, image.height, transforms[role], limits[role], num_placed, shrink)
             items.append(ImageItem(pixels=to_tensor(image, size), role=role, cfg_droppable=cfg))
     if not items:
         raise SampleError("missing_field", "record yields no items")

@@ -81,7 +81,7 @@ class Manifest:
 
 
 def manifest_uri(uri: str) -> str:
-    """Accept a manifest URI or the directory that holds manifest.json."""
+    """Return the manifest URI for a manifest URI or for the directory that contains manifest.json."""
     return uri if uri.endswith(".json") else uri.rstrip("/") + "/" + MANIFEST_NAME
 
 
@@ -113,7 +113,7 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None, retry
 class ShardWriter:
     """Writes samples into tar shards under `dest` and the manifest last.
 
-    A shard is closed when it holds `max_samples` samples or `max_bytes` bytes.
+    A shard is closed when it contains `max_samples` samples or `max_bytes` bytes.
     Shards are built in memory and uploaded whole (one PUT per shard).
     """
 

@@ -116,7 +116,7 @@ def filesystem_options(uri: str, storage_options: dict[str, Any] | None) -> dict
 
 
 def new_filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """A fresh (uncached) filesystem for `uri` and the path inside it.
+    """Create a fresh (uncached) filesystem for `uri` and return it with the path inside it.
 
     Fresh, because s3fs is not fork-safe: each DataLoader worker builds its own.
     """
@@ -125,7 +125,7 @@ def new_filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> t
     cls = fsspec.get_filesystem_class(protocol)
     fs = cls(skip_instance_cache=True, **options)
     if protocol in ("s3", "s3a"):
-        fs.retries = 1  # s3fs's own loop would retry (and hide) SlowDown answers
+        fs.retries = 1  # s3fs's own loop would retry (and hide) SlowDown responses
     path = cls._strip_protocol(uri)
     return fs, path
 
@@ -198,6 +198,11 @@ class ShardReader:
         return call_with_retries(
             lambda: self.fs.cat_file(self.path, start=start, end=end), f"read {self.path}[{start}:{end}]", self.retry, self.stats
         )
+
+    def prefetch(self, start: int) -> None:
+        """Request the block at byte `start` in the background (the next read there waits for it)."""
+        if self._next is None and start < self.size:
+            self._next = (start, self._pool().submit(self._fetch, start))
 
     def _load_block(self, start: int) -> None:
         if self._next is not None and self._next[0] == start:

@@ -28,6 +28,7 @@ state). A shard that cannot be opened counts its manifest sample count as
 from __future__ import annotations
 
 import logging
+import math
 import random
 import tarfile
 import time
@@ -36,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
-from bagel.model.inputs import ImageRole, InterleavedSample
+from bagel.model.inputs import ImageRole, InterleavedSample, TextItem
 from bagel.model.sequence import derive_seed, estimate_tokens
 from bagel.platform.data.config import DataConfig, DatasetConfig
 from bagel.platform.data.records import build_sample
@@ -49,15 +50,16 @@ logger = logging.getLogger(__name__)
 
 # Seed streams (second argument of derive_seed) for the things a sample draws.
 _PLAN, _LAYOUT, _NOISE = 0, 1, 2
+_FIT_ATTEMPTS = 4  # builds of one sample while shrinking its images to the token cap
 
 
 def name_key(name: str) -> int:
-    """A stable integer for a dataset name (the same in every process and Python run)."""
+    """Hash a dataset name to an integer that is the same in every process and Python run."""
     return zlib.crc32(name.encode("utf-8"))
 
 
 def sample_seed(data_seed: int, epoch: int, dataset: str, global_index: int) -> int:
-    """The seed of one sample occurrence: from (data seed, epoch, dataset, global index) only."""
+    """Derive the seed of one sample occurrence from (data seed, epoch, dataset, global index) only."""
     return derive_seed(derive_seed(derive_seed(data_seed, epoch), name_key(dataset)), global_index)
 
 
@@ -149,25 +151,46 @@ class DatasetStream:
         return sum(self.manifest.shards[s].num_samples for s in self.epoch_shards(epoch))
 
     def _sequential(self, epoch: int, start: int) -> Iterator[Entry]:
-        """Records of this unit's shards in reading order, from record `start` of the epoch."""
+        """Records of this unit's shards in reading order, from record `start` of the epoch.
+
+        The next shard is opened, and its first block requested, when the
+        current one starts, so shard boundaries do not stall the stream.
+        """
+        plan = []
         skip = start
         for shard in self.epoch_shards(epoch):
             count = self.manifest.shards[shard].num_samples
             if skip >= count:
                 skip -= count
                 continue
-            yield from self._read_shard(shard, skip)
+            plan.append((shard, skip))
             skip = 0
+        upcoming = self._open(plan[0][0]) if plan else None
+        for index, (shard, skip) in enumerate(plan):
+            current = upcoming
+            upcoming = self._open(plan[index + 1][0]) if index + 1 < len(plan) else None
+            yield from self._read_shard(shard, skip, current)
 
-    def _read_shard(self, shard: int, skip: int) -> Iterator[Entry]:
+    def _open(self, shard: int) -> ShardReader | Exception:
+        """Open a shard and request its first block; an error is returned, to be reported at the shard's turn."""
+        try:
+            fs, path = self.filesystems.get(self.manifest.shard_uri(shard))
+            reader = ShardReader(fs, path, self.config.read_ahead_bytes, self.config.retry, self.retry_stats)
+            reader.prefetch(0)
+            return reader
+        except Exception as error:  # storage errors that survived the retries
+            return error
+
+    def _read_shard(self, shard: int, skip: int, opened: ShardReader | Exception) -> Iterator[Entry]:
         info = self.manifest.shards[shard]
         uri = self.manifest.shard_uri(shard)
         base = self.shard_offsets[shard]
         produced = skip
         reason = detail = ""
         try:
-            fs, path = self.filesystems.get(uri)
-            reader = ShardReader(fs, path, self.config.read_ahead_bytes, self.config.retry, self.retry_stats)
+            if isinstance(opened, Exception):
+                raise opened
+            reader = opened
             with reader:
                 if reader.size < info.num_bytes:
                     self.warnings.warn(
@@ -223,7 +246,7 @@ class DatasetStream:
 
     # ----- samples ---------------------------------------------------------------
     def next_entry(self) -> tuple[int, Entry]:
-        """The next record position and its epoch."""
+        """Return the epoch and the next record position, starting the next epoch when one ends."""
         while True:
             if self._entries is None:
                 self._entries = self._windows(self.epoch, self.pos)
@@ -242,7 +265,7 @@ class DatasetStream:
             return self.epoch, entry
 
     def epoch_entries(self, epoch: int, start: int = 0) -> Iterator[Entry]:
-        """The unit's record positions of `epoch` in reading order (shuffled windows), from `start`."""
+        """Iterate the unit's record positions of `epoch` in reading order (shuffled windows), from `start`."""
         return self._windows(epoch, start)
 
     def prepare(self, epoch: int, entry: Entry) -> PreparedSample:
@@ -253,29 +276,42 @@ class DatasetStream:
             raise SampleError(entry.reason)
         if entry.raw.bad_reason:
             raise SampleError(entry.raw.bad_reason)
-        sample = build_sample(
-            f"{self.dataset.name}/{entry.shard:05d}/{entry.raw.key}", self.dataset.name, entry.raw.record, entry.raw.images,
-            random.Random(derive_seed(seed, _PLAN)), self.tokenizer, self.transforms, self.limits,
-            max_text_chars=max_tokens * 16,
-        )
-        try:
-            num_tokens = estimate_tokens(sample, self.model_config)
-        except ValueError as error:
-            raise SampleError("invalid_layout", str(error)) from error
-        if num_tokens > max_tokens:
-            raise SampleError("too_long", f"{num_tokens} tokens > max_tokens_per_sample={max_tokens}")
-        return PreparedSample(sample, num_tokens, derive_seed(seed, _LAYOUT), derive_seed(seed, _NOISE))
+        # A sample over the token cap is rebuilt with smaller images (the same
+        # plan: the planning generator restarts from its seed) before it counts
+        # as too long. Only text that alone exceeds the cap is skipped.
+        shrink = 1.0
+        for _ in range(_FIT_ATTEMPTS):
+            sample = build_sample(
+                f"{self.dataset.name}/{entry.shard:05d}/{entry.raw.key}", self.dataset.name, entry.raw.record,
+                entry.raw.images, random.Random(derive_seed(seed, _PLAN)), self.tokenizer, self.transforms, self.limits,
+                max_text_chars=max_tokens * 16, shrink=shrink,
+            )
+            try:
+                num_tokens = estimate_tokens(sample, self.model_config)
+            except ValueError as error:
+                raise SampleError("invalid_layout", str(error)) from error
+            if num_tokens <= max_tokens:
+                return PreparedSample(sample, num_tokens, derive_seed(seed, _LAYOUT), derive_seed(seed, _NOISE))
+            fixed = sum(len(i.token_ids) + 2 if isinstance(i, TextItem) else 2 for i in sample.items)
+            image_tokens = num_tokens - fixed
+            if image_tokens <= 0 or fixed >= max_tokens:
+                break
+            shrink *= math.sqrt((max_tokens - fixed) / image_tokens) * 0.97
+        raise SampleError("too_long", f"{num_tokens} tokens > max_tokens_per_sample={max_tokens}")
 
     def next_sample(self) -> PreparedSample:
-        """The next usable sample; bad ones are counted, warned about and skipped."""
+        """Return the next usable sample. Bad records are counted, logged (rate-limited) and skipped."""
         while True:
             epoch, entry = self.next_entry()
             self.counters["records"] += 1
+            key = entry.raw.key if entry.raw is not None else f"#{entry.global_index}"
             try:
                 prepared = self.prepare(epoch, entry)
             except SampleError as error:
-                key = entry.raw.key if entry.raw is not None else f"#{entry.global_index}"
                 self._skip(error, self.manifest.shards[entry.shard].uri, key)
+                continue
+            except Exception as error:  # a record that breaks a decoder in an unforeseen way is bad input too
+                self._skip(SampleError("invalid_sample", f"{type(error).__name__}: {error}"), self.manifest.shards[entry.shard].uri, key)
                 continue
             self.counters["samples"] += 1
             self._good_in_epoch += 1

@@ -30,7 +30,7 @@ def write_text_dataset(dest: str, name: str, num_samples: int, samples_per_shard
 
 
 def png_bytes(width: int, height: int, seed: int) -> bytes:
-    """A small PNG with random content."""
+    """Encode a PNG of random pixels."""
     import numpy as np
     from PIL import Image
 

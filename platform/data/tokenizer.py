@@ -127,7 +127,7 @@ def _from_tokenizer_json(path: str) -> Tokenizer:
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise FileNotFoundError(
-            f"tokenizer {path!r}: no tokenizer.json there; give the model directory that holds "
+            f"tokenizer {path!r}: tokenizer.json not found; pass the model directory that contains "
             f"tokenizer.json, or 'byte' / 'qwen-offline'"
         )
     tok = tokenizers.Tokenizer.from_file(file)

@@ -28,7 +28,7 @@ class SampleError(Exception):
 
 @dataclass(frozen=True)
 class RoleLimits:
-    """What the model accepts for one image role."""
+    """Model limits for one image role."""
 
     stride: int  # px per token side (ViT patch, or VAE downsample x latent patch)
     max_side: int  # px; the position table's extent
@@ -53,6 +53,8 @@ def decode_image(data: bytes):
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
+    except Image.DecompressionBombError as error:
+        raise SampleError("image_too_large", str(error)) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise SampleError("corrupt_image", str(error)) from error
     if image.width == 0 or image.height == 0:
@@ -60,8 +62,14 @@ def decode_image(data: bytes):
     return image.convert("RGB")
 
 
-def target_size(width: int, height: int, cfg: ImageTransformConfig, limits: RoleLimits, num_images: int) -> tuple[int, int]:
-    """(width, height) after the resize rules; both multiples of the stride, >= one stride."""
+def target_size(
+    width: int, height: int, cfg: ImageTransformConfig, limits: RoleLimits, num_images: int, shrink: float = 1.0
+) -> tuple[int, int]:
+    """Compute (width, height) after the resize rules: both multiples of the stride, at least one stride.
+
+    `shrink` (<= 1) scales the result down further, past min_side, so that a
+    sample fits the per-sample token cap.
+    """
     stride = cfg.stride or limits.stride
     max_side = min(cfg.max_side or limits.max_side, limits.max_side)
     scale = 1.0
@@ -73,6 +81,7 @@ def target_size(width: int, height: int, cfg: ImageTransformConfig, limits: Role
         budget = cfg.max_pixels / max(1, num_images)
         if width * height * scale * scale > budget:
             scale = math.sqrt(budget / (width * height))
+    scale *= shrink
     w = max(stride, int(round(width * scale / stride)) * stride)
     h = max(stride, int(round(height * scale / stride)) * stride)
     # The model's table is a hard limit, whatever min_side asked for.

@@ -40,7 +40,7 @@ def _gpu_tolerations() -> list[dict[str, Any]]:
 
 @dataclass
 class NodePoolConfig:
-    """Which nodes the training pods may land on."""
+    """Node selection of the training pods."""
 
     node_selector: dict[str, str] = field(default_factory=dict)
     """Pod nodeSelector, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "cloud.google.com/gke-spot": "true"}."""
@@ -238,8 +238,8 @@ class JobConfig:
         """Return terminationGracePeriodSeconds: the trainer's preemption deadline plus a margin.
 
         After SIGTERM the trainer saves a checkpoint for at most its
-        preemption deadline and then exits; the pod must live at least that
-        long or the kubelet kills it mid-upload. The deadline is read from
+        preemption deadline and then exits. The pod must live at least that
+        long, or the kubelet kills it in the middle of the upload. The deadline is read from
         `preemption.deadline_seconds` (or `checkpoint.preemption.deadline_seconds`)
         of the stage config, default 25 s as in bagel.platform.preemption.
         """

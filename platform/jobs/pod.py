@@ -24,7 +24,7 @@ MAX_JOB_NAME = 40
 
 @dataclass(frozen=True)
 class StageRun:
-    """What one job runs: a stage config with the run identity passed as overrides."""
+    """The work of one job: a stage config with the run identity passed as overrides."""
 
     config: str
     """Packaged config name (tiny/pretrain) or YAML path on the launching machine."""
@@ -78,7 +78,7 @@ def labels(job: JobConfig, stage_run: StageRun, submission: int) -> dict[str, st
 
 
 def pod_config_path(job: JobConfig, config: str) -> str:
-    """Return the config argument as the pod sees it: the mounted ConfigMap file or the packaged name."""
+    """Return the config argument inside the pod: the mounted ConfigMap file or the packaged name."""
     if job.config_map and config.endswith((".yaml", ".yml")):
         return f"{CONFIG_MOUNT}/{PurePosixPath(config).name}"
     return config
@@ -89,18 +89,26 @@ def pod_config_path(job: JobConfig, config: str) -> str:
 NODE_COMMAND = ["python", "-m", "bagel.platform.launch.node", "--"]
 
 
-def train_args(job: JobConfig, stage_run: StageRun) -> list[str]:
-    """Return the `bagel` arguments each rank runs: `train --config ... run.*=...` plus the overrides."""
-    return [
-        "train",
-        "--config",
-        pod_config_path(job, stage_run.config),
-        f"run.name={stage_run.run}",
-        f"run.stage={stage_run.stage}",
-        f"run.storage={stage_run.storage}",
-        f"run.init_from={stage_run.init_from}",
-        *stage_run.overrides,
-    ]
+def run_overrides(stage_run: StageRun) -> list[str]:
+    """Return the run.* overrides of a stage.
+
+    An empty init_from is left out because omegaconf reads `run.init_from=`
+    as null; the config's own value is then used, and plan_stage already
+    copied that value into `stage_run.init_from`.
+    """
+    overrides = [f"run.name={stage_run.run}", f"run.stage={stage_run.stage}", f"run.storage={stage_run.storage}"]
+    if stage_run.init_from:
+        overrides.append(f"run.init_from={stage_run.init_from}")
+    return overrides
+
+
+def train_args(job: JobConfig, stage_run: StageRun, config: str | None = None) -> list[str]:
+    """Return the `bagel` arguments each rank runs: `train --config ... run.*=...` plus the overrides.
+
+    `config` replaces the config argument (the local backend passes the path on this machine).
+    """
+    config = config if config is not None else pod_config_path(job, stage_run.config)
+    return ["train", "--config", config, *run_overrides(stage_run), *stage_run.overrides]
 
 
 def env(job: JobConfig) -> list[dict[str, Any]]:

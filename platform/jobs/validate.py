@@ -7,9 +7,8 @@
   outdated field (`podTemplateOverrides` on Trainer v2.3) would otherwise be
   dropped without a word. Their `metadata` is checked against ObjectMeta.
 * Core kinds are checked against kubernetes-validate's strict schemas.
-* The CEL rules of the CRDs are not evaluated by JSON Schema; the one that
-  matters for generated names (RFC-1035 label, at most 63 characters) is
-  checked here.
+* JSON Schema does not evaluate the CRDs' CEL rules. The one that matters
+  for generated names (RFC-1035 label, at most 63 characters) is checked here.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """`bagel launch` on Kubernetes: submit a stage's job, watch it, classify the end, resubmit, clean up.
 
 One submission:
-  create the job (name fixed per run and stage; an existing live job of the same
-  run and stage is re-attached, so a restarted launcher never starts a second one)
+  create the job, named after the run and stage (a restarted launcher re-attaches
+  to a live job of the same run and stage instead of starting a second one)
   -> watch the job object and poll its pods
   -> stream the rank-0 pod's log
   -> end on a terminal condition, a Kueue eviction or the pending deadline
@@ -31,6 +31,7 @@ from bagel.platform.launch.outcome import (
     is_pod_pending,
     job_phase,
     pending_reason,
+    strip_torchrun_report,
 )
 from bagel.platform.launch.watch import GONE, ObjectWatch
 
@@ -159,7 +160,7 @@ class ClusterLauncher:
                 was_running = True
                 self._follow_logs(pods)
             if phase == "suspended" and was_running:
-                return LaunchResult(Outcome.PREEMPTED, "KueueEvicted", "the job was suspended while running (Kueue eviction)")
+                return LaunchResult(Outcome.PREEMPTED, "KueueEvicted", self._eviction_message())
             if was_running and not pods:
                 # All pods vanished without a terminal condition: node loss or an external deletion.
                 return LaunchResult(Outcome.PREEMPTED, "PodsLost", "every pod of the running job disappeared")
@@ -191,7 +192,7 @@ class ClusterLauncher:
             follower = LogFollower(self._api_client, self.namespace, pods[0]["metadata"]["name"], self.container, None)
             follower.fetch_tail()
             tail = list(follower.tail)
-        return classify_finished(job, pods, tail)
+        return classify_finished(job, pods, strip_torchrun_report(tail))
 
     # Kubernetes calls.
 
@@ -254,6 +255,27 @@ class ClusterLauncher:
             return []
         events = [self._api_client.sanitize_for_serialization(e) for e in listed.items]
         return [e for e in events if (e.get("involvedObject") or {}).get("name") in names]
+
+    def _eviction_message(self) -> str:
+        """Return the Evicted condition of the job's Kueue Workload, or a generic message if none is readable."""
+        from kubernetes import client
+
+        message = "the job was suspended while running (Kueue eviction)"
+        try:
+            listed = self._custom.list_namespaced_custom_object(
+                "kueue.x-k8s.io", "v1beta2", self.namespace, "workloads", _request_timeout=60
+            )
+        except client.ApiException as error:
+            logger.info("cannot read Kueue workloads (HTTP %s); reporting a generic eviction", error.status)
+            return message
+        for workload in listed.get("items", []):
+            owners = (workload.get("metadata") or {}).get("ownerReferences") or []
+            if not any(o.get("name") == self.name and o.get("kind") == self.plan.job.kind for o in owners):
+                continue
+            for item in (workload.get("status") or {}).get("conditions") or []:
+                if item.get("type") == "Evicted" and str(item.get("status")) == "True":
+                    return f"Kueue evicted workload {workload['metadata']['name']}: {item.get('reason', '')}: {item.get('message', '')}"
+        return message
 
     def _follow_logs(self, pods: list[dict[str, Any]]) -> None:
         if not self.options.stream_logs:

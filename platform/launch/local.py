@@ -22,8 +22,9 @@ from typing import Callable, TextIO
 
 from bagel.platform.exit_codes import ExitCode
 from bagel.platform.jobs.build import StagePlan
+from bagel.platform.jobs.pod import train_args
 from bagel.platform.launch.cluster import backoff_delay
-from bagel.platform.launch.outcome import NCCL_TIMEOUT, LaunchResult, Outcome
+from bagel.platform.launch.outcome import NCCL_TIMEOUT, LaunchResult, Outcome, strip_torchrun_report
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +33,7 @@ FAULT_ENV = "BAGEL_FAULT_SIGTERM_AT_STEP"
 
 def local_train_args(plan: StagePlan) -> list[str]:
     """Return the `bagel` arguments of the stage with the config as given on this machine."""
-    run = plan.stage_run
-    return [
-        "train",
-        "--config",
-        run.config,
-        f"run.name={run.run}",
-        f"run.stage={run.stage}",
-        f"run.storage={run.storage}",
-        f"run.init_from={run.init_from}",
-        *run.overrides,
-    ]
+    return train_args(plan.job, plan.stage_run, config=plan.stage_run.config)
 
 
 def classify_exit(code: int, tail: list[str]) -> LaunchResult:
@@ -140,7 +131,7 @@ class LocalLauncher:
         except BaseException:
             self._stop(process)
             raise
-        return classify_exit(code, list(tail))
+        return classify_exit(code, strip_torchrun_report(list(tail)))
 
     def _stop(self, process: subprocess.Popen) -> None:
         """SIGTERM the node (it forwards to the workers), wait the grace period, then SIGKILL the session."""

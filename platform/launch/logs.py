@@ -11,7 +11,7 @@ logger = logging.getLogger(__name__)
 
 
 class LogFollower:
-    """Follow one container log in a thread; `tail` holds the last `keep` lines.
+    """Follow one container log in a thread; `tail` contains the last `keep` lines.
 
     NOTE: a connection that drops mid-run is not resumed (the kubelet offers no
     byte offset, only sinceSeconds, which would repeat or skip lines); the

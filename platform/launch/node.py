@@ -10,10 +10,10 @@ starts `torchrun [TORCHRUN OPTIONS] -m bagel.platform.launch.rank ARGS...`
 * otherwise torchrun's own exit code.
 
 On SIGTERM (the kubelet stopping the pod, or `bagel launch` stopping a local
-run) the signal goes straight to the workers, not to torchrun: torchrun would
-SIGKILL its workers 30 s after forwarding a SIGTERM itself (torch 2.13
-`PContext.close`), which can cut a preemption checkpoint short. torchrun
-then sees its workers exit and returns.
+run) the signal goes straight to the workers, not to torchrun. After
+forwarding a SIGTERM itself, torchrun would SIGKILL its workers 30 s later
+(torch 2.13 `PContext.close`), which can cut a preemption checkpoint short.
+Here torchrun only notices that its workers exited, and returns.
 """
 
 import os

@@ -10,8 +10,8 @@ Rules, in order (the first match wins):
 4. OOMKilled, or an NCCL timeout in the log tail                        -> failed with that reason
 5. a job condition Failed=True otherwise                                -> failed with its reason and message
 
-Kueue evictions suspend the job instead of failing it; the launcher sees a
-running job become suspended and calls that preempted (reason KueueEvicted).
+Kueue evictions suspend the job instead of failing it. When a running job
+becomes suspended, the launcher classifies it as preempted (reason KueueEvicted).
 Unschedulable jobs never end by themselves; the launcher decides that after
 a pending deadline (see `pending_reason`).
 """
@@ -39,7 +39,7 @@ class Outcome(enum.Enum):
 
 @dataclass
 class LaunchResult:
-    """How a stage ended, with the evidence."""
+    """The end of a stage: its outcome, reason and evidence."""
 
     outcome: Outcome
     reason: str
@@ -154,6 +154,20 @@ def classify_finished(job: dict[str, Any], pods: list[dict[str, Any]], log_tail:
         exit_code=_first_nonzero(exit_codes),
         log_tail=log_tail,
     )
+
+
+def strip_torchrun_report(lines: list[str]) -> list[str]:
+    """Return `lines` without torchrun's failure report (agent errors, ChildFailedError traceback and table).
+
+    The report only repeats the exit codes and would push the worker's own
+    error message out of the tail that is shown to the user.
+    """
+    kept = [line for line in lines if not (line.startswith("E") and "torch/distributed/elastic" in line)]
+    for index in range(len(kept) - 1, -1, -1):
+        if "ChildFailedError" in kept[index]:
+            tracebacks = [i for i in range(index + 1) if kept[i].startswith("Traceback (most recent call last):")]
+            return kept[: tracebacks[-1] if tracebacks else index]
+    return kept
 
 
 def _first_nonzero(exit_codes: list[tuple[dict[str, Any], dict[str, Any]]]) -> int | None:

@@ -2,7 +2,7 @@
 
 A background thread runs the watch and hands every new state of the object to
 a queue. Each watch request starts from the last resourceVersion seen, so a
-reconnect neither misses nor replays changes on a real API server; after
+reconnect neither misses nor replays changes on a real API server. After
 `410 Gone` (the version was compacted away) it reads the object afresh.
 Events for other objects are dropped here, because some API servers (and the
 test stand-in) ignore field selectors.

@@ -10,7 +10,7 @@ Order (as in torchtitan's qwen3 `parallelize`), each step relying on the previou
    experts on the "tp" mesh (before FSDP, which then shards the TP DTensors on
    the dp mesh to 2D);
 4. activation checkpointing of each decoder layer and ViT encoder layer
-   (before compile and FSDP so the recomputed region holds the whole layer);
+   (before compile and FSDP so the recomputed region covers the whole layer);
 5. torch.compile of each decoder layer (CUDA only);
 6. FSDP2 `fully_shard`: one unit per decoder layer (both experts together), the
    ViT, the connector, the token embedding, [final norms + lm_head], then the root.
@@ -56,7 +56,7 @@ def apply_trainable(model: nn.Module, trainable: list[str], frozen: list[str]) -
     frozen_re = [re.compile(p) for p in frozen]
     counts = [0, 0]
     for name, param in model.named_parameters():
-        # Parameters built frozen (the sin-cos tables) stay frozen whatever the patterns say.
+        # Parameters built frozen (the sin-cos tables) stay frozen whatever the patterns match.
         built_frozen = getattr(param, "_bagel_built_frozen", None)
         if built_frozen is None:
             built_frozen = not param.requires_grad
@@ -109,8 +109,8 @@ def _head_sharded_norm_style():
         """QK-norm over local heads: replicated weight on tp, input and output sharded on the head dim.
 
         Each tp rank normalises only its own heads, so its weight gradient is
-        partial; as a Replicate DTensor the weight's gradient is all-reduced
-        over tp by DTensor autograd, and every tp rank keeps identical weights.
+        partial. Because the weight is a Replicate DTensor, DTensor autograd
+        all-reduces that gradient over tp and every tp rank keeps identical weights.
         """
 
         def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
@@ -147,12 +147,6 @@ def apply_compile(model: nn.Module) -> None:
     for layer in model.language_model.model.layers:
         layer.compile(dynamic=True)
     logger.info("compiled %d decoder layers", len(model.language_model.model.layers))
-
-
-def _uniform(module: nn.Module) -> bool | None:
-    """Return the common requires_grad of `module`'s parameters, None when mixed or it has none."""
-    flags = {p.requires_grad for p in module.parameters()}
-    return flags.pop() if len(flags) == 1 else None
 
 
 def apply_fsdp(model: nn.Module, dp_mesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype, reshard: str) -> list[str]:

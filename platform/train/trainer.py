@@ -82,7 +82,8 @@ class Trainer:
         # On CPU the full model is built once per rank from the seed and then
         # sharded, so every layout starts from bit-identical weights. On CUDA
         # it is built on the meta device and initialised shard by shard, so no
-        # rank ever holds the full fp32 model in host memory.
+        # rank ever materialises the full fp32 model in host memory.
+        # NOTE: the CUDA path (meta init, NCCL, FlexAttention CP, bf16, compile) has not run on a GPU yet.
         meta_init = device.type == "cuda"
         model = build_model(self.model_config, device="meta" if meta_init else "cpu", seed=config.train.seed)
         self.model = parallelize_bagel(model, self.meshes, config.train, device.type, self.compute_dtype)
@@ -147,6 +148,7 @@ class Trainer:
         preemption.install()
         storage_options = getattr(config.checkpoint, "storage_options", {}) or {}
         goodput = GoodputTracker(layout, rank=self.rank, storage_options=storage_options)
+        self._goodput = goodput
         ckpt = CheckpointManager(config.checkpoint, layout, init_from=config.run.init_from, goodput=goodput)
 
         if data is None:
@@ -156,7 +158,7 @@ class Trainer:
         progress = TrainProgress()
         states = {
             "model": ModelState(self.model),
-            # torchtitan's container holds one AdamW; DCP's optimizer state helpers need the torch optimizer.
+            # torchtitan's container contains one AdamW; DCP's optimizer state helpers need the torch optimizer.
             "optimizer": OptimizerState(self.model, self.optimizers.optimizers[0]),
             "lr_schedule": self.lr_scheduler,
             "progress": progress,
@@ -283,6 +285,9 @@ class Trainer:
         if hasattr(data, "metrics"):
             for key, value in data.metrics().items():
                 scalars[f"data/{key}"] = float(value)
+        goodput = getattr(self, "_goodput", None)
+        if goodput is not None:
+            scalars.update(goodput.scalars())  # tags under goodput/
         if self.gpu is not None:
             scalars.update(self.gpu.collect(device=self.device))
         if self.rank == 0:

@@ -1,6 +1,6 @@
 """OpenAPI v3 schemas of the custom resources that bagel-platform creates.
 
-Each JSON file holds `spec.versions[].schema.openAPIV3Schema` of one served
+Each JSON file contains `spec.versions[].schema.openAPIV3Schema` of one served
 CRD version with the `description` texts removed (they are most of the size):
 
     trainjobs / trainingruntimes / clustertrainingruntimes  Kubeflow Trainer v2.3.0 (commit 658725bdae5c)

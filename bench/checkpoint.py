@@ -1,0 +1,148 @@
+"""Checkpoint save/load throughput, async stall and resume cost, each against a baseline measured in the same run.
+
+1. Throughput: `CheckpointManager.save` (synchronous, so the whole write is
+   timed, checksums included) and `resume` (checksum pass included) of a
+   state of --mib MiB, against a raw fsspec write / read of the same tensor
+   bytes to / from the same store. Goal: ratio (raw time / checkpoint time) >= 0.7.
+2. Stall: the time `save` blocks the training loop with async_save=True
+   against a synchronous save of the same state. Goal: ratio <= 0.1.
+3. Resume: wall time from building the state to the end of the first training
+   step with a resume from the checkpoint, against a cold start (fresh
+   initialisation) of the same model. Goal: ratio <= 1.5.
+
+The store is a local temporary directory, or the loopback SeaweedFS server
+with --s3 (started on 127.0.0.1).
+
+    python bench/checkpoint.py [--mib 256] [--rounds 3] [--s3]
+"""
+
+import argparse
+import contextlib
+import statistics
+import tempfile
+import time
+import uuid
+
+import torch
+from torch import nn
+
+from bagel.platform.checkpoint import storage
+from bagel.platform.checkpoint.config import CheckpointConfig
+from bagel.platform.checkpoint.manager import CheckpointManager
+from bagel.platform.checkpoint.states import ModelState, OptimizerState, TrainProgress
+from bagel.platform.layout import StageLayout
+
+# Width of the benchmark MLP; the layer count follows from --mib.
+_WIDTH = 1024
+
+
+def build(mib: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """An MLP whose parameters take about `mib` / 3 MiB, so with AdamW's two moments the state is about `mib` MiB."""
+    layer_bytes = _WIDTH * _WIDTH * 4
+    layers = max(1, (mib * 2**20) // (3 * layer_bytes))
+    model = nn.Sequential(*[nn.Linear(_WIDTH, _WIDTH, bias=False) for _ in range(layers)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, optimizer
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    inputs = torch.randn(8, _WIDTH)
+    model(inputs).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def states_of(model: nn.Module, optimizer: torch.optim.Optimizer, progress: TrainProgress) -> dict:
+    return {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer), "progress": progress}
+
+
+def raw_write(root: str, options: dict, tensors: list[torch.Tensor]) -> float:
+    """Write the tensors' bytes as one file (as one rank's shard) and return the seconds taken."""
+    fs, path = storage.open_fs(storage.join(root, f"raw-{uuid.uuid4().hex[:8]}"), options)
+    begin = time.perf_counter()
+    with fs.open(path, "wb") as stream:
+        for tensor in tensors:
+            stream.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    seconds = time.perf_counter() - begin
+    read_begin = time.perf_counter()
+    with fs.open(path, "rb", block_size=8 * 2**20) as stream:
+        while stream.read(8 * 2**20):
+            pass
+    raw_write.last_read_seconds = time.perf_counter() - read_begin
+    fs.rm(path)
+    return seconds
+
+
+def measure(root: str, options: dict, mib: int, rounds: int) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {key: [] for key in ("save", "raw_write", "load", "raw_read", "stall_async", "stall_sync", "resume", "cold")}
+    for round_index in range(rounds):
+        run = f"bench-{round_index}-{uuid.uuid4().hex[:6]}"
+        model, optimizer = build(mib)
+        train_step(model, optimizer)  # materialise the AdamW moments
+        progress = TrainProgress(step=1)
+        states = states_of(model, optimizer, progress)
+        state_tensors = [p.detach() for p in model.parameters()]
+        for state in optimizer.state.values():
+            state_tensors += [value for value in state.values() if value.dim() > 0]
+
+        sync = CheckpointManager(CheckpointConfig(async_save=False, keep_latest=0, storage_options=options), StageLayout(root, run, "pretrain"))
+        begin = time.perf_counter()
+        sync.save(1, states)
+        results["save"].append(time.perf_counter() - begin)
+        results["stall_sync"].append(results["save"][-1])
+        results["raw_write"].append(raw_write(root, options, state_tensors))
+        results["raw_read"].append(raw_write.last_read_seconds)
+
+        asynchronous = CheckpointManager(CheckpointConfig(async_save=True, keep_latest=0, storage_options=options), StageLayout(root, run, "pretrain"))
+        begin = time.perf_counter()
+        asynchronous.save(2, states)
+        results["stall_async"].append(time.perf_counter() - begin)
+        asynchronous.close()
+
+        begin = time.perf_counter()
+        cold_model, cold_optimizer = build(mib)
+        train_step(cold_model, cold_optimizer)
+        results["cold"].append(time.perf_counter() - begin)
+
+        begin = time.perf_counter()
+        warm_model, warm_optimizer = build(mib)
+        load_begin = time.perf_counter()
+        manager = CheckpointManager(CheckpointConfig(storage_options=options), StageLayout(root, run, "pretrain"))
+        manager.resume(states_of(warm_model, warm_optimizer, TrainProgress()))
+        results["load"].append(time.perf_counter() - load_begin)
+        train_step(warm_model, warm_optimizer)
+        results["resume"].append(time.perf_counter() - begin)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=256, help="approximate checkpoint size in MiB (model + AdamW moments)")
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions; medians are reported")
+    parser.add_argument("--s3", action="store_true", help="use a loopback SeaweedFS server instead of a local directory")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    with contextlib.ExitStack() as stack:
+        if args.s3:
+            from bagel.platform.data.loopback_s3 import seaweedfs_server
+
+            server = stack.enter_context(seaweedfs_server())
+            root = f"{server.make_bucket('bench-checkpoint')}/{uuid.uuid4().hex[:8]}"
+            options = server.storage_options
+        else:
+            root = f"file://{stack.enter_context(tempfile.TemporaryDirectory())}"
+            options = {}
+        results = measure(root, options, args.mib, args.rounds)
+
+    median = {key: statistics.median(values) for key, values in results.items()}
+    size = args.mib
+    print(f"store: {'SeaweedFS (loopback)' if args.s3 else 'local directory'}, state ~{size} MiB, {args.rounds} rounds (medians)")
+    print(f"save   {size / median['save']:8.1f} MiB/s   raw write {size / median['raw_write']:8.1f} MiB/s   ratio {median['raw_write'] / median['save']:.2f} (goal >= 0.7)")
+    print(f"load   {size / median['load']:8.1f} MiB/s   raw read  {size / median['raw_read']:8.1f} MiB/s   ratio {median['raw_read'] / median['load']:.2f} (goal >= 0.7)")
+    print(f"stall  async {median['stall_async']:.3f} s   sync {median['stall_sync']:.3f} s   ratio {median['stall_async'] / median['stall_sync']:.3f} (goal <= 0.1)")
+    print(f"start  resume {median['resume']:.3f} s   cold {median['cold']:.3f} s   ratio {median['resume'] / median['cold']:.2f} (goal <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""`bagel train` end to end on the demo data: torchrun with 2 gloo ranks, TensorBoard events, summary, SIGTERM."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bagel.platform.metrics.tensorboard import read_scalars
+
+SCALARS = [
+    "loss/total", "loss/ce", "loss/mse", "lr", "grad_norm", "throughput/tokens_per_s",
+    "time/step_s", "time/data_wait_s", "memory/peak_gib", "train/skipped_steps",
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    subprocess.run([sys.executable, "-m", "bagel.platform", "data", "demo", str(root)], check=True, timeout=120)
+    return root
+
+
+def train(args: list[str], demo: Path, storage: Path, nproc: int, extra_env: dict | None = None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", BAGEL_DEVICE="cpu", BAGEL_DATA_ROOT=demo.as_uri())
+    env.update(extra_env or {})
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else []
+    command = [sys.executable, *launcher, "-m", "bagel.platform", "train", *args, f"run.storage={storage.as_uri()}"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_tiny_pretrain_two_ranks(demo: Path, tmp_path: Path) -> None:
+    result = train(["--config", "tiny/pretrain", "train.steps=4", "checkpoint.interval_steps=2"], demo, tmp_path, 2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    stage = tmp_path / "runs" / "dev" / "pretrain"
+    summary = json.loads((stage / "summary.json").read_text())
+    assert summary["stage"] == "pretrain"
+    assert summary["steps"] == 4
+    assert summary["tokens"] > 0
+    assert summary["final_ce"] is not None
+    assert summary["final_mse"] is not None
+    assert summary["checkpoint"].endswith("step-00000004")
+    scalars = read_scalars(str(stage / "tensorboard"))
+    for tag in SCALARS:
+        assert [step for step, _ in scalars[tag]] == [1, 2, 3, 4], tag
+    assert any(tag.startswith("data/") for tag in scalars)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_75(demo: Path, tmp_path: Path) -> None:
+    result = train(
+        ["--config", "tiny/pretrain", "train.steps=6", "checkpoint.interval_steps=100"],
+        demo, tmp_path, 1, {"BAGEL_FAULT_SIGTERM_AT_STEP": "2"},
+    )
+    assert result.returncode == 75, result.stderr[-4000:]
+    stage = tmp_path / "runs" / "dev" / "pretrain"
+    assert (stage / "checkpoints" / "step-00000002").is_dir()
+    assert not (stage / "summary.json").exists()
+    assert "loss/total" in read_scalars(str(stage / "tensorboard"))
+
+
+def test_invalid_config_exits_2(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bagel.platform", "train", "--config", "tiny/pretrain", "optim.lr=-1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "optim.lr=-1" in result.stderr

@@ -37,7 +37,7 @@ _WIDTH = 1024
 
 
 def build(mib: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """An MLP whose parameters take about `mib` / 3 MiB, so with AdamW's two moments the state is about `mib` MiB."""
+    """Build an MLP whose parameters take about `mib` / 3 MiB, so with AdamW's two moments the state is about `mib` MiB."""
     layer_bytes = _WIDTH * _WIDTH * 4
     layers = max(1, (mib * 2**20) // (3 * layer_bytes))
     model = nn.Sequential(*[nn.Linear(_WIDTH, _WIDTH, bias=False) for _ in range(layers)])

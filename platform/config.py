@@ -40,7 +40,7 @@ class ConfigError(UsageError):
 
 @dataclass
 class ModelSection:
-    """Which BAGEL model to build."""
+    """The BAGEL model to build."""
 
     name: str = "tiny"
     """A name known to `bagel.model.configs.get_model_config`: tiny, small or bagel-7b-mot."""
@@ -57,7 +57,7 @@ class ParallelConfig:
     """Parallel degrees; their product must equal the world size."""
 
     dp_replicate: int = 1
-    """Data-parallel replicas (the HSDP replicate dimension): each holds a full sharded copy."""
+    """Data-parallel replicas (the HSDP replicate dimension): each keeps a full sharded copy."""
 
     dp_shard: int = -1
     """FSDP shard degree; -1 fills the world size left over by the other degrees."""
@@ -159,7 +159,7 @@ class ScheduleConfig:
 
 @dataclass
 class SpikeConfig:
-    """What to do when the loss is not finite or jumps far above its recent average."""
+    """The response to a non-finite loss or one far above its recent average."""
 
     policy: str = "skip"
     """ "skip" (drop the update, keep training), "stop" (exit with an error) or "off"."""

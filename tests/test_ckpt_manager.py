@@ -99,7 +99,8 @@ def test_resume_takes_latest_complete(store, caplog):
     assert (info.source, info.step) == ("checkpoint", 2)
     assert progress2.step == 2
     assert_weights(model2, saved[2])
-    assert "resumed from checkpoint" in caplog.text and "step-00000002" in caplog.text
+    assert "resumed from checkpoint" in caplog.text
+    assert "step-00000002" in caplog.text
 
 
 def test_missing_manifest_falls_back(store):
@@ -155,7 +156,8 @@ def test_corrupt_shard_detected_by_checksum(store, caplog):
     with caplog.at_level(logging.ERROR, logger="bagel.platform.checkpoint"):
         info = make_manager(root, options).resume(states2)
     assert info.step == 1
-    assert "checksum mismatch" in info.skipped[0] and "__0_0.distcp" in info.skipped[0]
+    assert "checksum mismatch" in info.skipped[0]
+    assert "__0_0.distcp" in info.skipped[0]
     assert "corrupt" in caplog.text
     assert_weights(model2, saved[1])
 
@@ -186,7 +188,8 @@ def test_async_save_snapshots_state(store):
 
     model2, progress2, states2 = make_states(1)
     info = make_manager(root, options).resume(states2)
-    assert info.step == 5 and progress2.step == 5
+    assert info.step == 5
+    assert progress2.step == 5
     assert_weights(model2, expected)
 
 

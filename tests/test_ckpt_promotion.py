@@ -80,7 +80,8 @@ def test_latent_grid_change_is_logged_resize(tiny_weights, caplog):
     with caplog.at_level(logging.WARNING, logger="bagel.platform.checkpoint"):
         weights, resized = validate_weights({"model": tiny_weights}, bigger_grid, "stage checkpoint")
     assert weights["model"]["latent_pos_embed.pos_embed"].shape == (256, tiny_weights["latent_pos_embed.pos_embed"].shape[1])
-    assert len(resized) == 1 and "latent_pos_embed.pos_embed: resized (64, 64) -> (256, 64)" in resized[0]
+    assert len(resized) == 1
+    assert "latent_pos_embed.pos_embed: resized (64, 64) -> (256, 64)" in resized[0]
     assert "latent_pos_embed.pos_embed: resized" in caplog.text
     expected = Bagel(bigger_grid)
     expected.latent_pos_embed.reset_parameters()
@@ -93,7 +94,8 @@ def test_publish_is_content_addressed_and_reused(store, tiny_weights):
     first = publish(root, weights, {"stage": "pretrain", "config_digest": "c1"}, step=5, storage_options=options)
     again = publish(root, weights, {"stage": "pretrain", "config_digest": "c1"}, step=5, storage_options=options)
     assert (first.reused, again.reused) == (False, True)
-    assert again.uri == first.uri and first.uri.endswith(f"/promoted/{first.digest}")
+    assert again.uri == first.uri
+    assert first.uri.endswith(f"/promoted/{first.digest}")
     other = publish(root, weights, {"stage": "pretrain", "config_digest": "c2"}, step=5, storage_options=options)
     assert other.digest != first.digest
 
@@ -181,7 +183,8 @@ def test_cli_promote_find_list(store, tiny_weights, demo_data, monkeypatch):
     assert code == 0
     assert len(output.splitlines()) == 1
     promoted = json.loads(output)
-    assert promoted["reused"] is False and promoted["uri"].endswith(promoted["digest"])
+    assert promoted["reused"] is False
+    assert promoted["uri"].endswith(promoted["digest"])
 
     code, found = run_cli("ckpt", "find-promoted", "--config", "tiny/pretrain", "--storage", root)
     assert code == 0
@@ -200,7 +203,9 @@ def test_cli_promote_find_list(store, tiny_weights, demo_data, monkeypatch):
 
     code, listing = run_cli("ckpt", "list", root)
     assert code == 0
-    assert "step-00000004" in listing and "complete" in listing and promoted["digest"] in listing
+    assert "step-00000004" in listing
+    assert "complete" in listing
+    assert promoted["digest"] in listing
 
 
 def test_cli_promote_rejects_nan(store, tiny_weights, demo_data, monkeypatch, caplog):
@@ -215,8 +220,10 @@ def test_cli_promote_rejects_nan(store, tiny_weights, demo_data, monkeypatch, ca
 
     with caplog.at_level(logging.ERROR):
         code, output = run_cli("ckpt", "promote", "--config", "tiny/pretrain", "--run", "bad", "--storage", root)
-    assert code == 2 and output == ""
-    assert "llm2vae.weight has" in caplog.text and "non-finite" in caplog.text
+    assert code == 2
+    assert output == ""
+    assert "llm2vae.weight has" in caplog.text
+    assert "non-finite" in caplog.text
 
 
 def read_promoted_record(uri: str, options: dict) -> dict:

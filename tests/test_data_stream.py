@@ -131,9 +131,20 @@ def test_mixture_weights_and_mandatory(text_data):
     assert loader.metrics().get("packs_missing_mandatory", 0) == 0
 
 
-def test_exact_resume_three_times_across_epoch_wrap(text_data):
+@pytest.mark.parametrize("storage", ["file", pytest.param("s3", marks=pytest.mark.s3)])
+def test_exact_resume_three_times_across_epoch_wrap(storage, text_data, request, monkeypatch):
     """Three successive resumes (through JSON) see exactly the uninterrupted sequence, past an epoch end."""
-    datasets = [{"name": "a", "uri": text_data["a"], "weight": 1.0}, {"name": "b", "uri": text_data["b"], "weight": 1.0, "mandatory": True}]
+    uris = text_data
+    if storage == "s3":
+        server = request.getfixturevalue("s3_server")
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        bucket = server.make_bucket("resume-text")
+        uris = {
+            "a": write_text_dataset(f"{bucket}/a", "a", 60, 6, seed=1, max_words=12, storage_options=server.storage_options),
+            "b": write_text_dataset(f"{bucket}/b", "b", 40, 5, seed=2, max_words=12, storage_options=server.storage_options),
+        }
+    datasets = [{"name": "a", "uri": uris["a"], "weight": 1.0}, {"name": "b", "uri": uris["b"], "weight": 1.0, "mandatory": True}]
     config = _config(datasets, num_workers=2)
     total = 36  # b has 40 samples, ~2 per pack from two units: wraps its epoch
     reference = _take(build_data_loader(config, TINY, 0, 1), total)
@@ -418,3 +429,14 @@ def test_config_errors_name_the_value(text_data):
     qwen = _config([{"name": "a", "uri": text_data["a"]}], tokenizer="qwen-offline")
     with pytest.raises(DataError, match="use 'byte' for tiny"):
         build_data_loader(qwen, TINY, 0, 1)
+
+
+def test_ignore_saved_state_starts_afresh(text_data):
+    datasets = [{"name": "a", "uri": text_data["a"]}]
+    loader = build_data_loader(_config(datasets), TINY, 0, 2)
+    _take(loader, 3)
+    state = loader.state_dict()
+    fresh = build_data_loader(_config(datasets, ignore_saved_state=True), TINY, 0, 1)
+    fresh.load_state_dict(state)
+    reference = build_data_loader(_config(datasets, ignore_saved_state=True), TINY, 0, 1)
+    assert _ids(_take(fresh, 3)) == _ids(_take(reference, 3))

@@ -10,11 +10,15 @@ sets the job's conditions, and deletes pods once their job is gone.
 
 import _thread
 import io
+import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Callable
 
 import pytest
+import yaml
 
 from bagel.platform.exit_codes import ExitCode
 from bagel.platform.jobs.build import StagePlan
@@ -423,9 +427,10 @@ def test_kueue_eviction_resubmits(standin):
                 "status": {"conditions": [{"type": "Evicted", "status": "True", "reason": "Preempted", "message": "Preempted to accommodate a higher priority Workload"}]},
             },
         )
+        # Kueue suspends the job; the job controller then deletes its pods.
+        driver.set_conditions([{"type": "Suspended", "status": "True", "reason": "Suspended"}])
         for name in pods:
             driver.core.delete_namespaced_pod(name, NAMESPACE)
-        driver.set_conditions([{"type": "Suspended", "status": "True", "reason": "Suspended"}])
 
     with ClusterDriver(standin, plan, scenario) as driver:
         launcher = ClusterLauncher(plan, standin.api_client(), options=FAST, out=io.StringIO())
@@ -454,6 +459,33 @@ def test_interrupt_deletes_job(standin):
             launch(standin, plan)
     assert not job_exists(standin, plan)
     assert remaining_pods(standin, "ctrl-c") == []
+
+
+def test_cli_sigterm_deletes_job(standin, tmp_path):
+    """Pipeline cancellation stops the launcher's pod with SIGTERM: `bagel launch` must delete its job."""
+    config = tmp_path / "stage.yaml"
+    config.write_text(yaml.safe_dump({"run": {"name": "cancelled", "stage": "sft", "storage": "s3://bucket/x"}, "job": {"namespace": NAMESPACE}}))
+    # The driver's view of the same job (the launcher in the subprocess builds its own from the file).
+    plan = StagePlan(stage_run=StageRun(str(config), "cancelled", "sft", "s3://bucket/x"), job=make_plan().job, grace_period_s=60)
+
+    def scenario(driver, job, submission):
+        driver.run_pods(driver.create_pods(job, submission))
+
+    with ClusterDriver(standin, plan, scenario) as driver:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bagel.platform", "launch", "--config", str(config), "--server", standin.url],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not driver.pods_created and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert driver.pods_created, "the launcher created no job"
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output[-3000:]
+    assert not job_exists(standin, plan)
+    assert remaining_pods(standin, "cancelled") == []
 
 
 def test_reattach_to_running_job(standin):

@@ -13,7 +13,6 @@ checkpoint instead of training again. The digest covers
 import hashlib
 import json
 import logging
-import posixpath
 from typing import Any
 
 from bagel.platform.checkpoint import storage
@@ -77,7 +76,3 @@ def _strip(config: dict[str, Any]) -> dict[str, Any]:
     result["run"] = run
     return result
 
-
-def digest_from_promoted_uri(uri: str) -> str:
-    """Return the last path component of `.../promoted/{digest}`."""
-    return posixpath.basename(uri.rstrip("/"))

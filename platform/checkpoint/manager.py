@@ -30,7 +30,7 @@ How the training loop uses it (every rank runs the same calls, in the same order
         progress.step, progress.tokens_seen = step, progress.tokens_seen + tokens
         goodput.heartbeat(step)
         inject_fault(step)                       # test hook; a no-op unless BAGEL_FAULT_* is set
-        if preemption.should_stop():             # collective: every rank gets the same answer
+        if preemption.should_stop():             # collective: the same result on every rank
             ckpt.save(step, states, blocking=True)   # within preemption.deadline_remaining()
             ckpt.close(); goodput.finish()
             ...flush metrics...
@@ -189,7 +189,7 @@ class CheckpointManager:
     # Save.
 
     def should_save(self, step: int, *, last_step: bool = False) -> bool:
-        """Return whether to save after `step`; the same answer on every rank.
+        """Return whether to save after `step`; the same result on every rank.
 
         Collective (a one-element all-reduce) when `interval_seconds` is set,
         because the ranks' clocks disagree on when an interval ends.

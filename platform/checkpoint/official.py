@@ -89,7 +89,7 @@ def export_official(
     config = model_config_from_spec(spec)
     weights = read_weights(uri, storage_options)
     if weights_name not in weights:
-        raise ValueError(f"{uri} has no {weights_name!r} weights: it holds {', '.join(sorted(weights))}")
+        raise ValueError(f"{uri} has no {weights_name!r} weights: it contains {', '.join(sorted(weights))}")
     with torch.device("meta"):
         bagel = Bagel(config)
     bagel.load_state_dict(weights[weights_name], strict=True, assign=True)

@@ -76,7 +76,7 @@ def read_weights(uri: str, storage_options: dict[str, Any] | None = None) -> dic
 
     Returns {"model": {name: tensor}, "ema": {name: tensor}} with canonical
     names; "ema" is absent when the checkpoint has none.
-    NOTE: this holds the whole model (and EMA) in host memory: about 58 GB per
+    NOTE: this keeps the whole model (and EMA) in host memory: about 58 GB per
     copy for BAGEL-7B-MoT in fp32.
     """
     reader = FsspecReader(uri, **(storage_options or {}))
@@ -87,7 +87,7 @@ def read_weights(uri: str, storage_options: dict[str, Any] | None = None) -> dic
         if state in WEIGHT_STATES and isinstance(item, TensorStorageMetadata):
             targets[key] = torch.empty(item.size, dtype=item.properties.dtype)
     if not any(key.startswith("model.") for key in targets):
-        raise PromotionError(f"{uri} holds no model weights (no 'model.*' tensors): it is not a training or promoted checkpoint")
+        raise PromotionError(f"{uri} contains no model weights (no 'model.*' tensors): it is not a training or promoted checkpoint")
     dcp.load(targets, storage_reader=WholeFileReader(uri, **(storage_options or {})), no_dist=True)
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in targets.items():

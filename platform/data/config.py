@@ -84,6 +84,9 @@ class DataConfig:
     skip_min_samples: int = 200  # the threshold applies once a dataset has seen this many samples
     read_ahead_bytes: int = 8 * 2**20  # bytes fetched per storage request while streaming a shard
     retry: RetryConfig = field(default_factory=RetryConfig)
+    # Start the stream afresh instead of loading a checkpoint's data position
+    # (needed after a change of data-parallel size or workers; samples repeat).
+    ignore_saved_state: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)  # extra fsspec arguments (s3: key, secret, client_kwargs)
 
     def validate(self) -> None:

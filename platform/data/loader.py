@@ -180,6 +180,12 @@ class PackedDataLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume exactly where `state` was taken; refuses a state from a different layout or data."""
+        if self.config.ignore_saved_state:
+            logger.warning(
+                "data.ignore_saved_state=true: the data stream starts afresh (saved at %s packs consumed); "
+                "samples seen before this resume are seen again", state.get("consumed"),
+            )
+            return
         if state.get("version") != STATE_VERSION:
             raise DataError(f"data state version {state.get('version')!r} is not {STATE_VERSION}")
         mine = self.state_dict()
@@ -189,7 +195,8 @@ class PackedDataLoader:
                     f"cannot resume the data stream: it was saved with {key}={state[key]}, this run has {key}={mine[key]}. "
                     f"Data positions are per (rank, worker) unit, so a different layout would repeat or skip samples; "
                     f"resume with data-parallel size {state['dp_size']} and data.num_workers={state['num_workers']} "
-                    f"(seed {state['seed']}), or start this stage's data afresh"
+                    f"(0 and 1 are the same layout) and seed {state['seed']}, or set data.ignore_saved_state=true "
+                    f"to start the data stream afresh"
                 )
         if state["dp_rank"] != self.dp_rank:
             raise DataError(f"data state of rank {state['dp_rank']} loaded on rank {self.dp_rank}: load each rank's own state")

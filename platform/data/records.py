@@ -13,13 +13,13 @@ training-time choice. Four kinds, the first three being BAGEL's source formats:
   turns carry CE loss, images feed the ViT. A sample without a gpt turn is
   skipped ("no_loss").
 - "edit": `{"kind": "edit", "instructions": [[str, ...], ...]}` with n >= 2
-  images and n - 1 instruction lists (alternatives for step i-1 -> i). Plan as
-  in BAGEL's edit dataset: a random start image and an end 1-2 steps later;
-  the source goes in as clean VAE (droppable) then ViT (droppable); each
-  instruction is a droppable text; intermediate targets are noised VAE, clean
-  VAE (droppable) and ViT (droppable); the final target is noised VAE only.
-  For a 2-step span, with probability 0.5 the instructions are joined into
-  one text and only the final image is generated.
+  images and n - 1 instruction lists (alternatives for step i-1 -> i). The
+  plan follows BAGEL's edit dataset. It picks a random start image and an end
+  1-2 steps later. The source goes in as clean VAE, then ViT (both
+  droppable). Each instruction is a droppable text. Intermediate targets are
+  noised VAE, clean VAE (droppable) and ViT (droppable), and the final target
+  is noised VAE only. For a 2-step span, with probability 0.5 the
+  instructions are joined into one text and only the final image is generated.
 - "interleaved": `{"kind": "interleaved", "items": [...]}`, each item either
   `{"text": str, "loss": bool, "cfg": bool}` or
   `{"image": int, "role": "vit"|"vae_noised"|"vae_clean", "cfg": bool}`.

@@ -1,10 +1,10 @@
 """Training shards: POSIX tar files in the WebDataset convention, plus one manifest per dataset.
 
-Why tar shards: a tar is a plain sequence of (512-byte header, data) records,
-so a shard streams front to back with ranged reads and needs no index, any
-tool can list or unpack it, and the WebDataset layout (members named
-`KEY.EXT`, the members of one sample adjacent) is the field's common format
-for streaming multimodal data from object storage. Image bytes are stored
+Why tar shards: a tar is a plain sequence of (512-byte header, data) records.
+A shard therefore streams front to back with ranged reads and needs no index,
+and any tool can list or unpack it. The WebDataset layout (members named
+`KEY.EXT`, the members of one sample adjacent) is the common format for
+streaming multimodal training data from object storage. Image bytes are stored
 as they came (JPEG/PNG), never re-encoded; each sample's text and structure is
 one JSON member (see `bagel.platform.data.records`).
 
@@ -211,8 +211,8 @@ def _octal(field: bytes) -> int:
 def iter_members(reader) -> Iterator[tuple[str, int, int]]:
     """(name, size, data offset) of each regular file in a tar stream, reading headers only.
 
-    Handles ustar, GNU long names ('L') and pax 'path' records; a header whose
-    checksum is wrong, or a stream that ends inside a header, raises
+    Handles ustar, GNU long names ('L') and pax 'path' records. A header with a
+    wrong checksum, or a stream that ends inside a header, raises
     tarfile.ReadError (a truncated or corrupt shard).
     """
     offset = 0

@@ -161,8 +161,9 @@ class ShardReader:
     """A read-only, seekable, file-like view of one object, fetched in retried ranged reads.
 
     `size` is the object's length in bytes. Reads are served from the current
-    block; the next block is fetched on a background thread while the caller
-    works on this one (read-ahead, never the whole object at once).
+    block, and the next block is fetched on a background thread while the
+    caller works on this one. So at most two blocks are in memory, never the
+    whole object.
     """
 
     _executor = None  # one prefetch thread per process, created lazily (after any fork)

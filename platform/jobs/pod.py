@@ -93,8 +93,8 @@ def run_overrides(stage_run: StageRun) -> list[str]:
     """Return the run.* overrides of a stage.
 
     An empty init_from is left out because omegaconf reads `run.init_from=`
-    as null; the config's own value is then used, and plan_stage already
-    copied that value into `stage_run.init_from`.
+    as null. The trainer then uses the config's own value, which plan_stage
+    already copied into `stage_run.init_from`.
     """
     overrides = [f"run.name={stage_run.run}", f"run.stage={stage_run.stage}", f"run.storage={stage_run.storage}"]
     if stage_run.init_from:

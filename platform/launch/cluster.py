@@ -9,8 +9,9 @@ One submission:
   -> delete the job (foreground) and wait until its pods are gone, so no GPU stays held.
 
 Preempted and unschedulable submissions are resubmitted under the same run and
-stage (so training resumes from the run's checkpoint) with exponential backoff,
-up to `job.retry.max_submissions`; user errors and other failures end the launch.
+stage, so training resumes from the run's checkpoint. Resubmissions back off
+exponentially, up to `job.retry.max_submissions`. User errors and other
+failures end the launch.
 Ctrl-C (KeyboardInterrupt, or SIGTERM turned into one by the CLI) deletes the job.
 """
 
@@ -159,10 +160,18 @@ class ClusterLauncher:
                     logger.info("%s is running (%d pods)", self.name, len(pods))
                 was_running = True
                 self._follow_logs(pods)
+            if was_running and not pods and phase == "active":
+                # The watch may lag behind the pod list: read the job before concluding anything.
+                job = self._custom.get_namespaced_custom_object(
+                    self.group, self.version, self.namespace, self.plural, self.name, _request_timeout=60
+                )
+                phase = job_phase(job)
+                if phase in ("succeeded", "failed"):
+                    return self._finish(job, pods)
             if phase == "suspended" and was_running:
-                return LaunchResult(Outcome.PREEMPTED, "KueueEvicted", self._eviction_message())
+                return LaunchResult(Outcome.PREEMPTED, "KueueEvicted", self._eviction_message(job))
             if was_running and not pods:
-                # All pods vanished without a terminal condition: node loss or an external deletion.
+                # Every pod vanished without a terminal condition: node loss or an external deletion.
                 return LaunchResult(Outcome.PREEMPTED, "PodsLost", "every pod of the running job disappeared")
 
             waiting = not was_running and (not pods or all(is_pod_pending(p) for p in pods))
@@ -256,7 +265,7 @@ class ClusterLauncher:
         events = [self._api_client.sanitize_for_serialization(e) for e in listed.items]
         return [e for e in events if (e.get("involvedObject") or {}).get("name") in names]
 
-    def _eviction_message(self) -> str:
+    def _eviction_message(self, job: dict[str, Any]) -> str:
         """Return the Evicted condition of the job's Kueue Workload, or a generic message if none is readable."""
         from kubernetes import client
 
@@ -268,9 +277,11 @@ class ClusterLauncher:
         except client.ApiException as error:
             logger.info("cannot read Kueue workloads (HTTP %s); reporting a generic eviction", error.status)
             return message
+        uid = (job.get("metadata") or {}).get("uid")
         for workload in listed.get("items", []):
             owners = (workload.get("metadata") or {}).get("ownerReferences") or []
-            if not any(o.get("name") == self.name and o.get("kind") == self.plan.job.kind for o in owners):
+            # The owner uid separates this submission's Workload from one left by an earlier submission.
+            if not any(o.get("name") == self.name and o.get("kind") == self.plan.job.kind and o.get("uid") in (uid, None) for o in owners):
                 continue
             for item in (workload.get("status") or {}).get("conditions") or []:
                 if item.get("type") == "Evicted" and str(item.get("status")) == "True":

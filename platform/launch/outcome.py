@@ -162,12 +162,12 @@ def strip_torchrun_report(lines: list[str]) -> list[str]:
     The report only repeats the exit codes and would push the worker's own
     error message out of the tail that is shown to the user.
     """
-    kept = [line for line in lines if not (line.startswith("E") and "torch/distributed/elastic" in line)]
-    for index in range(len(kept) - 1, -1, -1):
-        if "ChildFailedError" in kept[index]:
-            tracebacks = [i for i in range(index + 1) if kept[i].startswith("Traceback (most recent call last):")]
-            return kept[: tracebacks[-1] if tracebacks else index]
-    return kept
+    worker_lines = [line for line in lines if not (line.startswith("E") and "torch/distributed/elastic" in line)]
+    for index in range(len(worker_lines) - 1, -1, -1):
+        if "ChildFailedError" in worker_lines[index]:
+            tracebacks = [i for i in range(index + 1) if worker_lines[i].startswith("Traceback (most recent call last):")]
+            return worker_lines[: tracebacks[-1] if tracebacks else index]
+    return worker_lines
 
 
 def _first_nonzero(exit_codes: list[tuple[dict[str, Any], dict[str, Any]]]) -> int | None:

@@ -73,7 +73,7 @@ class TensorBoardSync:
                     self._segment_has_data = True
 
     def sync(self) -> None:
-        """Close the current segment, upload it and start a new one (a no-op when it holds nothing)."""
+        """Close the current segment, upload it and start a new one (a no-op when it is empty)."""
         with self._lock:
             if self._closed or not self._segment_has_data:
                 return

@@ -48,14 +48,15 @@ def init_process_group(device: DeviceInfo, timeout_s: float = 600.0) -> None:
     """Start the default process group; a plain process (no torchrun) becomes a world of one."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        # One plain process: rendezvous with itself on a free loopback port.
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
     kwargs = {}
+    if "RANK" not in os.environ:
+        # One plain process: rendezvous with itself on a free loopback port. The
+        # address goes in init_method, not os.environ, so subprocesses started
+        # later (tests, launchers) do not inherit a stale rank or port.
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        kwargs.update(init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     if device.type == "cuda":
         kwargs["device_id"] = device.device
     dist.init_process_group(backend=device.backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)

@@ -1,4 +1,4 @@
-"""Loss-spike and NaN policy: skip the update, or stop the run, and say which loss term caused it.
+"""Loss-spike and NaN policy: skip the update or stop the run, and log which loss term caused it.
 
 Losses arrive already reduced over all ranks, so every rank takes the same decision.
 """

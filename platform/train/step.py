@@ -1,9 +1,9 @@
 """One optimizer step: token-weighted gradient accumulation, global clipping, spike policy, EMA.
 
 Normalisation (BAGEL's per-token means, but weighted over the whole step):
-the CE and MSE token counts of ALL micro-batches of the step are summed over
-the loss mesh (data-parallel and cp ranks) first; each micro-batch's loss sums
-are then divided by those global counts. FSDP sums (does not average)
+first the CE and MSE token counts of ALL micro-batches of the step are summed
+over the loss mesh (data-parallel and cp ranks). Then each micro-batch's loss
+sums are divided by those global counts. FSDP sums (does not average)
 gradients, so the update is the gradient of the step's global per-token mean
 however the tokens are split over ranks and micro-batches.
 """
@@ -98,7 +98,7 @@ class TrainStep:
         cp = self.meshes.parallel.cp
         local_ce = sum(p.ce_indexes.numel() for p, _ in prepared)
         local_mse = sum(p.mse_indexes.numel() for p, _ in prepared)
-        # Each cp rank holds the whole pack, so token totals count it once per cp group.
+        # Each cp rank receives the whole pack, so token totals count it once per cp group.
         local_tokens = sum(p.length for p, _ in prepared) / cp
         counts = torch.tensor([local_ce, local_mse, local_tokens], dtype=torch.float64, device=self._count_device)
         all_reduce_sum(counts, self.meshes.loss_group)
@@ -125,7 +125,11 @@ class TrainStep:
         all_reduce_sum(parts, self.meshes.loss_group)
         ce = float(parts[0]) if ce_global > 0 else None
         mse = float(parts[1]) if mse_global > 0 else None
-        total = (self.ce_weight * ce if ce is not None else 0.0) + (self.mse_weight * mse if mse is not None else 0.0)
+        total = 0.0
+        if ce is not None:
+            total += self.ce_weight * ce
+        if mse is not None:
+            total += self.mse_weight * mse
 
         grad_norm = float(clip_grad_norm_(self.trainable, self.max_grad_norm))
         decision = self.spike.check(step, {"total": total, "ce": ce, "mse": mse, "grad_norm": grad_norm})

@@ -24,7 +24,7 @@ from bagel.platform.exit_codes import ExitCode
 from bagel.platform.jobs.build import StagePlan
 from bagel.platform.jobs.config import job_config_from_dict
 from bagel.platform.jobs.pod import RUN_LABEL, StageRun
-from bagel.platform.launch.cluster import RESOURCES, ClusterLauncher, ClusterOptions, backoff_delay
+from bagel.platform.launch.cluster import RESOURCES, ClusterLauncher, ClusterOptions, JobConflictError, backoff_delay
 from bagel.platform.launch.outcome import Outcome
 from bagel.platform.launch.standin import KubeStandIn
 
@@ -501,6 +501,21 @@ def test_reattach_to_running_job(standin):
         _, result, _ = launch(standin, plan)
     assert result.outcome is Outcome.SUCCEEDED
     assert len(driver.jobs_seen) == 1
+
+
+def test_foreign_job_left_alone(standin):
+    plan = make_plan(run="owner-a")
+    group, version, plural, _ = RESOURCES["TrainJob"]
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(standin.api_client())
+    foreign = plan.job_object(1)
+    foreign["metadata"]["labels"]["bagel.platform/run"] = "someone-else"
+    custom.create_namespaced_custom_object(group, version, NAMESPACE, plural, foreign)
+    with pytest.raises(JobConflictError, match="another run or stage"):
+        launch(standin, plan)
+    assert job_exists(standin, plan)
+    custom.delete_namespaced_custom_object(group, version, NAMESPACE, plural, foreign["metadata"]["name"])
 
 
 def test_backoff_doubles_and_caps():

@@ -119,6 +119,9 @@ def run_launch(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         logger.warning("interrupted; the job was deleted")
         return 130
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return ExitCode.USAGE_ERROR
 
     summary = {
         "outcome": result.outcome.value,

@@ -18,10 +18,12 @@ Ctrl-C (KeyboardInterrupt, or SIGTERM turned into one by the CLI) deletes the jo
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
+from bagel.platform.exit_codes import UsageError
 from bagel.platform.jobs import pod as pod_spec
 from bagel.platform.jobs.build import StagePlan
 from bagel.platform.launch.logs import LogFollower
@@ -62,6 +64,10 @@ class ClusterOptions:
     """Print the rank-0 pod's log lines."""
 
 
+class JobConflictError(UsageError):
+    """A job with the launcher's name exists but belongs to another run or stage; it is left alone."""
+
+
 def backoff_delay(submission: int, base_s: float, max_s: float) -> float:
     """Return the wait before submission number `submission + 1`: base * 2^(submission-1), at most max_s."""
     return min(base_s * (2 ** (submission - 1)), max_s)
@@ -93,6 +99,8 @@ class ClusterLauncher:
         self.submission = 0
         self._watch: ObjectWatch | None = None
         self._log: LogFollower | None = None
+        # True once the job under this name is ours (created, or re-attached by run and stage labels).
+        self._owns_job = False
 
     # Public API.
 
@@ -118,8 +126,12 @@ class ClusterLauncher:
             return result
         except BaseException:
             # Ctrl-C, pipeline cancellation or a crash of the launcher: never leave GPUs held.
-            logger.warning("launcher interrupted: deleting job %s/%s", self.namespace, self.name)
-            self._cleanup()
+            if self._owns_job:
+                logger.warning("launcher stopped: deleting job %s/%s", self.namespace, self.name)
+                try:
+                    self._cleanup()
+                except Exception as error:  # noqa: BLE001  # the original exception matters more
+                    logger.error("cannot delete job %s/%s: %s; delete it by hand", self.namespace, self.name, error)
             raise
 
     # One submission.
@@ -144,8 +156,6 @@ class ClusterLauncher:
             self._watch.stop()
 
     def _wait(self, job: dict[str, Any]) -> LaunchResult:
-        import queue
-
         assert self._watch is not None
         pending_since = time.monotonic()
         was_running = False
@@ -214,6 +224,7 @@ class ClusterLauncher:
                 self.group, self.version, self.namespace, self.plural, body, _request_timeout=60
             )
             logger.info("created %s %s/%s (submission %d)", self.plan.job.kind, self.namespace, self.name, submission)
+            self._owns_job = True
             return created
         except client.ApiException as error:
             if error.status != 409:
@@ -227,15 +238,17 @@ class ClusterLauncher:
             and labels.get(pod_spec.STAGE_LABEL) == self.plan.stage_run.stage
         )
         if not same_stage:
-            raise RuntimeError(
+            raise JobConflictError(
                 f"{self.plan.job.kind} {self.namespace}/{self.name} exists but belongs to another run or stage "
                 f"(labels {labels}); delete it or choose another run name"
             )
         if job_phase(existing) in ("active", "succeeded"):
             # A pipeline step that is retried finds its own job: wait for it instead of starting over.
             logger.info("re-attaching to the existing %s %s/%s", self.plan.job.kind, self.namespace, self.name)
+            self._owns_job = True
             return existing
         logger.info("replacing the finished %s %s/%s", self.plan.job.kind, self.namespace, self.name)
+        self._owns_job = True
         self._cleanup()
         return self._create(submission)
 

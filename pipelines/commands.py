@@ -47,6 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", help="image of the pipeline steps (default: the training image)")
     parser.add_argument("--storage-secret", default="bagel-storage", help="Secret with the storage credentials ('' for none)")
+    parser.add_argument(
+        "--step-node-selector",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="node label of the pipeline's own step pods (CPU only; repeatable)",
+    )
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +101,13 @@ def _build(args: argparse.Namespace):
     from bagel.pipelines.components import DEFAULT_IMAGE
     from bagel.pipelines.pipeline import build_pipeline
 
-    return build_pipeline(args.image or DEFAULT_IMAGE, args.storage_secret)
+    selector = {}
+    for item in args.step_node_selector:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise ValueError(f"--step-node-selector {item!r} is invalid: write KEY=VALUE, e.g. pool=cpu")
+        selector[key] = value
+    return build_pipeline(args.image or DEFAULT_IMAGE, args.storage_secret, selector)
 
 
 def run_compile(args: argparse.Namespace) -> int:
@@ -102,7 +115,12 @@ def run_compile(args: argparse.Namespace) -> int:
 
     from bagel.pipelines.pipeline import PIPELINE_NAME
 
-    compiler.Compiler().compile(_build(args), package_path=args.output, pipeline_name=PIPELINE_NAME)
+    try:
+        pipeline = _build(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return ExitCode.USAGE_ERROR
+    compiler.Compiler().compile(pipeline, package_path=args.output, pipeline_name=PIPELINE_NAME)
     print(f"wrote {args.output}")
     return ExitCode.SUCCESS
 
@@ -117,12 +135,13 @@ def run_submit(args: argparse.Namespace) -> int:
 
     try:
         arguments = pipeline_arguments(args, backend="kubernetes")
+        pipeline = _build(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return ExitCode.USAGE_ERROR
     with tempfile.TemporaryDirectory() as directory:
         package = os.path.join(directory, "bagel-pipeline.yaml")
-        compiler.Compiler().compile(_build(args), package_path=package, pipeline_name=PIPELINE_NAME)
+        compiler.Compiler().compile(pipeline, package_path=package, pipeline_name=PIPELINE_NAME)
         client = kfp.Client(host=args.host, namespace=args.namespace, existing_token=args.token)
         result = client.create_run_from_pipeline_package(
             package,

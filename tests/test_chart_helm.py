@@ -173,7 +173,8 @@ def test_notes_name_next_command(helm, tmp_path):
     values = values_file(tmp_path, {"kueue": {"enabled": True}})
     # Helm 3 requests the API server's version even in a client-side dry run.
     with KubeStandIn() as standin:
-        result = helm("install", "bagel", str(CHART), "--namespace", "ml", "--dry-run=client", "--disable-openapi-validation",
+        result = helm(
+            "install", "bagel", str(CHART), "--namespace", "ml", "--dry-run=client", "--disable-openapi-validation",
             "--kube-apiserver", standin.url, "-f", values,
         )
     assert "bagel launch --config" in result.stdout

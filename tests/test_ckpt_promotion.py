@@ -179,7 +179,10 @@ def test_cli_promote_find_list(store, tiny_weights, demo_data, monkeypatch):
     code, before = run_cli("ckpt", "find-promoted", "--config", "tiny/pretrain", "--storage", root)
     assert (code, json.loads(before)) == (0, {})
 
-    code, output = run_cli("ckpt", "promote", "--config", "tiny/pretrain", "--run", "run1", "--storage", root, "--next-config", "tiny/sft")
+    code, output = run_cli(
+        "ckpt", "promote", "--config", "tiny/pretrain", "--run", "run1", "--storage", root,
+        "--next-config", "tiny/sft", "--heldout-config", "tiny/sft", "--heldout-packs", "2",
+    )
     assert code == 0
     assert len(output.splitlines()) == 1
     promoted = json.loads(output)
@@ -200,6 +203,7 @@ def test_cli_promote_find_list(store, tiny_weights, demo_data, monkeypatch):
     record = read_promoted_record(promoted["uri"], options)
     assert (record["stage"], record["steps"], record["tokens"], record["source_run"]) == ("pretrain", 4, 400, "run1")
     assert len(record["data_manifests"]) == 3
+    assert 0 < record["heldout_loss"] < float("inf")
 
     code, listing = run_cli("ckpt", "list", root)
     assert code == 0

@@ -101,7 +101,9 @@ def test_compile_writes_valid_ir(tmp_path):
     from kfp.kubernetes import kubernetes_executor_config_pb2
 
     output = tmp_path / "pipeline.yaml"
-    completed = bagel("pipeline", "compile", "--output", str(output), "--image", "registry.example/bagel:1")
+    completed = bagel(
+        "pipeline", "compile", "--output", str(output), "--image", "registry.example/bagel:1", "--step-node-selector", "pool=cpu"
+    )
     assert completed.returncode == 0, completed.stderr
     documents, spec, platform = load_ir(output)
     assert spec.pipeline_info.name == "bagel-training"
@@ -125,6 +127,7 @@ def test_compile_writes_valid_ir(tmp_path):
         json_format.ParseDict(executor, config, ignore_unknown_fields=False)
         assert config.secret_as_env[0].secret_name == "bagel-storage"
         assert config.field_path_as_env[0].field_path == "metadata.namespace"
+        assert dict(config.node_selector.labels) == {"pool": "cpu"}
     # Stage chaining: pretrain's training starts from alignment's promoted pointer.
     pretrain = tasks["train-stage-2"]
     assert pretrain.inputs.parameters["init_from"].task_output_parameter.producer_task == "promote-stage"

@@ -6,7 +6,8 @@
   the final model, EMA and optimizer state equal an uninterrupted run bit for bit.
 - A checkpoint saved by 2 ranks resumes on 1 and on 4 ranks with the same
   full (unsharded) state, and training continues.
-Each runs on `file://` and on the loopback SeaweedFS server.
+Resharding runs on `file://` and on the loopback SeaweedFS server; the fault
+chain runs on `file://` here and on SeaweedFS with `bagel train`.
 """
 
 import json
@@ -61,9 +62,10 @@ def uninterrupted(tmp_path_factory):
     return result
 
 
-# One seed per store keeps the suite within its time budget; the seeds give
-# different fault steps, so the two stores also cover different schedules.
-@pytest.mark.parametrize(("store", "seed"), [("file", 11), ("s3", 23)], indirect=["store"])
+# `file://` only: the same fault chain on S3 runs with the real trainer in
+# test_preemption_train.py (another seed), and two chains here would exceed
+# the suite's time budget.
+@pytest.mark.parametrize(("store", "seed"), [("file", 11)], indirect=["store"])
 def test_faults_resume_bit_identical(tmp_path, store, uninterrupted, seed):
     root, env = store
     rng = random.Random(seed)

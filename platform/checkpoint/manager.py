@@ -69,7 +69,7 @@ from bagel.platform.checkpoint.goodput import GoodputTracker
 from bagel.platform.checkpoint.listing import CheckpointEntry, inspect_checkpoint, scan_checkpoints, step_dir_name
 from bagel.platform.checkpoint.manifest import check_checksums
 from bagel.platform.checkpoint.reader import WholeFileReader
-from bagel.platform.checkpoint.states import PerRankState, saved_rank_count
+from bagel.platform.checkpoint.states import PerRankState, TrainProgress, saved_rank_count
 from bagel.platform.checkpoint.writer import ManifestWriter
 from bagel.platform.exit_codes import UsageError
 from bagel.platform.layout import StageLayout
@@ -222,11 +222,14 @@ class CheckpointManager:
         self.wait()
 
         uri = storage.join(self.root, step_dir_name(step))
+        # Counters of a TrainProgress go into the MANIFEST even when the caller
+        # passes no `extra`, so promotion can report tokens for any checkpoint.
+        counters = {"tokens_seen": state.tokens_seen for state in states.values() if isinstance(state, TrainProgress)}
         writer = ManifestWriter(
             uri,
             step=step,
             world_size=self.world_size,
-            extra=extra,
+            extra={**counters, **(extra or {})},
             thread_count=self.config.io_threads,
             **self.storage_options,
         )

@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     promote.add_argument("--run", required=True, help="run name whose stage checkpoint to promote")
     promote.add_argument("--next-config", default="", help="the next stage's config: weights are checked against its model")
     promote.add_argument("--checkpoint", default="", help="promote this checkpoint URI instead of the stage's latest complete one")
+    promote.add_argument("--heldout-config", default="", help="stage config whose data section is the held-out mixture for a loss check")
+    promote.add_argument("--heldout-packs", type=int, default=4, help="packs of held-out data to evaluate (default: 4)")
     promote.set_defaults(func=_promote)
 
     find = commands.add_parser("find-promoted", help="print the promoted checkpoint trained with the same config digest, or {}")
@@ -125,7 +127,14 @@ def _promote(args: argparse.Namespace) -> int:
             "data_manifests": manifests,
             "model": {"name": next_model.name, "overrides": next_model.overrides},
         }
-        result = promote_checkpoint(source, args.storage, model_config, metadata, storage_options=options)
+        heldout = None
+        if args.heldout_config:
+            from bagel.platform.checkpoint.heldout import heldout_loss_function
+            from bagel.platform.config import load_run_config
+
+            heldout_config = load_run_config(args.heldout_config, [f"run.storage={args.storage}"])
+            heldout = heldout_loss_function(heldout_config, model_config, args.heldout_packs)
+        result = promote_checkpoint(source, args.storage, model_config, metadata, heldout_loss=heldout, storage_options=options)
     except (PromotionError, UsageError, FileNotFoundError, ValueError) as error:
         logger.error("%s", error)
         return ExitCode.USAGE_ERROR

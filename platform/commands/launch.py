@@ -30,11 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--stage", help="stage (alignment, pretrain, continued, sft); default: run.stage of the config")
     parser.add_argument("--storage", help="URI root of checkpoints and logs (s3://bucket/prefix); default: run.storage")
     parser.add_argument("--init-from", help="URI of the promoted checkpoint to start from; default: run.init_from")
+
     parser.add_argument("--backend", choices=("kubernetes", "local"), default="kubernetes", help="where the stage runs")
     parser.add_argument("--dry-run", action="store_true", help="print the validated job object as YAML and exit")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else ~/.kube/config)")
     parser.add_argument("--context", help="kubeconfig context")
     parser.add_argument("--server", help="API server URL without credentials (test clusters only)")
+
     parser.add_argument("--nproc-per-node", type=int, default=1, help="local backend: torchrun processes")
     parser.add_argument(
         "--preempt",
@@ -47,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--script",
         help="local backend: run this Python file on every rank instead of `bagel train` (to test launch wiring)",
     )
+
     parser.add_argument("--result-file", help="write the outcome as JSON to this file")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides (job.* for the launcher)")
     parser.set_defaults(func=run_launch)

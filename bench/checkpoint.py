@@ -6,14 +6,17 @@
    bytes to / from the same store. Goal: ratio (raw time / checkpoint time) >= 0.7.
 2. Stall: the time `save` blocks the training loop with async_save=True
    against a synchronous save of the same state. Goal: ratio <= 0.1.
-3. Resume: wall time from building the state to the end of the first training
-   step with a resume from the checkpoint, against a cold start (fresh
-   initialisation) of the same model. Goal: ratio <= 1.5.
+3. Resume: seconds from process start to the end of the first training step
+   of the toy FSDP2 loop (`bagel.platform.checkpoint.toy`, 2 gloo ranks,
+   --toy-mib MiB of model + EMA + AdamW state) resuming from a checkpoint,
+   against a cold start (fresh initialisation) of the same loop. Goal: ratio <= 1.5.
+   The in-process figure (build + resume + one step against build + one step)
+   is printed too.
 
 The store is a local temporary directory, or the loopback SeaweedFS server
 with --s3 (started on 127.0.0.1).
 
-    python bench/checkpoint.py [--mib 256] [--rounds 3] [--s3]
+    python bench/checkpoint.py [--mib 256] [--rounds 3] [--toy-mib 128] [--s3]
 """
 
 import argparse
@@ -115,10 +118,43 @@ def measure(root: str, options: dict, mib: int, rounds: int) -> dict[str, list[f
     return results
 
 
+def measure_restart(root: str, env: dict[str, str], toy_mib: int, log_dir: str) -> tuple[float, float]:
+    """Return (cold start, resume) seconds from process start to the end of the first step, 2 toy ranks."""
+    import json
+    import sys
+
+    from bagel.platform.checkpoint.toy import spawn_ranks, wait_ranks
+
+    # Model (dim x hidden x 2 fp32) + EMA + two AdamW moments = 4 copies.
+    dim = 1024
+    hidden = max(64, toy_mib * 2**20 // (4 * 2 * 4 * dim))
+    run = f"restart-{uuid.uuid4().hex[:6]}"
+
+    def toy(name: str, steps: int, run_name: str) -> dict:
+        out = f"{log_dir}/{name}.json"
+        command = [
+            sys.executable, "-m", "bagel.platform.checkpoint.toy", "--storage", root, "--run", run_name,
+            "--steps", str(steps), "--interval-steps", "2", "--dim", str(dim), "--hidden", str(hidden), "--out", out,
+        ]
+        codes = wait_ranks(spawn_ranks(command, 2, env=env, log_dir=log_dir), 600)
+        if codes != [0, 0]:
+            raise RuntimeError(f"toy run {name} exited with {codes}: see {log_dir}")
+        with open(out) as result_file:
+            return json.load(result_file)
+
+    toy("save", 2, run)
+    cold = toy("cold", 1, f"{run}-cold")
+    resumed = toy("resume", 3, run)
+    if resumed["source"] != "checkpoint":
+        raise RuntimeError(f"the resume run started from {resumed['source']}, expected a checkpoint")
+    return cold["first_step_done_since_start"], resumed["first_step_done_since_start"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=256, help="approximate checkpoint size in MiB (model + AdamW moments)")
     parser.add_argument("--rounds", type=int, default=3, help="repetitions; medians are reported")
+    parser.add_argument("--toy-mib", type=int, default=128, help="state size in MiB of the toy loop used for the restart measurement")
     parser.add_argument("--s3", action="store_true", help="use a loopback SeaweedFS server instead of a local directory")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -130,10 +166,13 @@ def main() -> None:
             server = stack.enter_context(seaweedfs_server())
             root = f"{server.make_bucket('bench-checkpoint')}/{uuid.uuid4().hex[:8]}"
             options = server.storage_options
+            env = server.env
         else:
             root = f"file://{stack.enter_context(tempfile.TemporaryDirectory())}"
             options = {}
+            env = {}
         results = measure(root, options, args.mib, args.rounds)
+        cold_start, resume_start = measure_restart(root, env, args.toy_mib, stack.enter_context(tempfile.TemporaryDirectory()))
 
     median = {key: statistics.median(values) for key, values in results.items()}
     size = args.mib
@@ -141,7 +180,8 @@ def main() -> None:
     print(f"save   {size / median['save']:8.1f} MiB/s   raw write {size / median['raw_write']:8.1f} MiB/s   ratio {median['raw_write'] / median['save']:.2f} (goal >= 0.7)")
     print(f"load   {size / median['load']:8.1f} MiB/s   raw read  {size / median['raw_read']:8.1f} MiB/s   ratio {median['raw_read'] / median['load']:.2f} (goal >= 0.7)")
     print(f"stall  async {median['stall_async']:.3f} s   sync {median['stall_sync']:.3f} s   ratio {median['stall_async'] / median['stall_sync']:.3f} (goal <= 0.1)")
-    print(f"start  resume {median['resume']:.3f} s   cold {median['cold']:.3f} s   ratio {median['resume'] / median['cold']:.2f} (goal <= 1.5)")
+    print(f"start  process to first step: resume {resume_start:.2f} s   cold {cold_start:.2f} s   ratio {resume_start / cold_start:.2f} (goal <= 1.5)")
+    print(f"       in process (build + first step): resume {median['resume']:.3f} s   cold {median['cold']:.3f} s   ratio {median['resume'] / median['cold']:.2f}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import sys
 
 from bagel.platform.exit_codes import ExitCode
+from bagel.platform.layout import DEFAULT_STORAGE_ENV, DEFAULT_WORKDIR
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +34,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_run_options(submit)
     submit.set_defaults(func=run_submit)
 
-    run = subparsers.add_parser("run", help="run the pipeline on this machine with kfp's local runner")
-    run.add_argument("--local", action="store_true", required=True, help="use kfp's local runner (the only mode)")
-    run.add_argument("--pipeline-root", default="./bagel-work/kfp", help="directory of the local runner's outputs")
-    run.add_argument("--nproc-per-node", type=int, default=1, help="torchrun processes of each stage")
-    run.add_argument(
-        "--preempt", metavar="STAGE:STEP", help="stop STAGE with SIGTERM at STEP once, to rehearse a resume"
+    run = subparsers.add_parser(
+        "run",
+        help="run the four-stage pipeline on this machine (kfp's local runner, torchrun per stage)",
+        description=(
+            "Train all four stages on this machine: writes the demo dataset into storage unless it is there, "
+            "runs the kfp pipeline with its local runner, each stage under torchrun, promotes each stage's "
+            "checkpoint into the next, and prints a per-stage summary. Rerunning reuses the promoted "
+            "checkpoints of stages whose config digest is unchanged. Exit codes: 0 succeeded, 1 a stage "
+            "failed, 2 invalid arguments, 130 interrupted."
+        ),
     )
-    _add_run_options(run)
-    run.set_defaults(func=run_local)
+    run.add_argument("--local", action="store_true", required=True, help="use kfp's local runner (the only mode)")
+    run.add_argument(
+        "--workdir", default=DEFAULT_WORKDIR, help=f"work directory for logs, the local runner's files and default storage (default: ./{DEFAULT_WORKDIR})"
+    )
+    run.add_argument("--run", default="local", help="run name (DNS-1123 label; default: local)")
+    run.add_argument(
+        "--storage",
+        help=f"URI root of data, runs and promoted checkpoints, e.g. s3://bucket/prefix "
+        f"(default: ${DEFAULT_STORAGE_ENV}, else file://WORKDIR/storage)",
+    )
+    run.add_argument("--data", help="URI of the demo dataset (default: STORAGE/data; written there if missing)")
+    run.add_argument(
+        "--config", "--configs", dest="configs", default="tiny",
+        help="config family (tiny, small, bagel-7b-mot) or a directory of STAGE.yaml files (default: tiny)",
+    )
+    run.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run, in pipeline order")
+    run.add_argument("--nproc", "--nproc-per-node", dest="nproc", type=int, default=2, help="torchrun processes per stage (default: 2)")
+    run.add_argument(
+        "--preempt", metavar="STAGE:STEP", help="send SIGTERM to STAGE's ranks at STEP once, then resume it (a preemption drill)"
+    )
+    run.add_argument("--init-from", default="", help="promoted checkpoint URI the first stage starts from")
+    run.add_argument("--init-digest", default="", help="digest of --init-from")
+    run.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides applied to every stage, e.g. train.steps=10")
+    run.set_defaults(func=run_local, node_pool="", job_image="")
 
 
 def _add_build_options(parser: argparse.ArgumentParser) -> None:
@@ -155,25 +182,43 @@ def run_submit(args: argparse.Namespace) -> int:
     return ExitCode.SUCCESS
 
 
+def _preempt_spec(spec: str, stages: list[str]) -> str:
+    """Return `spec` if it is STAGE:STEP with a selected stage and a step >= 1, else raise ValueError."""
+    stage, _, step = spec.partition(":")
+    if stage not in stages or not step.isdigit() or int(step) < 1:
+        raise ValueError(f"--preempt {spec!r} is invalid: write STAGE:STEP with STAGE one of {', '.join(stages)}, e.g. pretrain:5")
+    return spec
+
+
 def run_local(args: argparse.Namespace) -> int:
-    from kfp import local
+    from pathlib import Path
 
-    from bagel.pipelines.pipeline import build_pipeline
+    from bagel.pipelines.local import LocalRun, run_local_pipeline
+    from bagel.platform.layout import default_storage, validate_run_name
 
+    workdir = Path(args.workdir).resolve()
+    args.storage = (args.storage or os.environ.get(DEFAULT_STORAGE_ENV) or default_storage(str(workdir))).rstrip("/")
     try:
+        validate_run_name(args.run)
+        if args.nproc < 1:
+            raise ValueError(f"--nproc {args.nproc} is invalid: use 1 or more processes")
         arguments = pipeline_arguments(args, backend="local")
+        stages = [stage for stage in STAGES if arguments[f"run_{stage}"]]
+        preempt = _preempt_spec(args.preempt, stages) if args.preempt else ""
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return ExitCode.USAGE_ERROR
-    arguments["nproc_per_node"] = args.nproc_per_node
-    if args.preempt:
-        # Read by the train_stage component, which passes it to `bagel launch --preempt`.
-        os.environ["BAGEL_LAUNCH_PREEMPT"] = args.preempt
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=args.pipeline_root)
-    try:
-        task = build_pipeline(storage_secret="")(**arguments)
-    except RuntimeError as error:
-        logger.error("%s", error)
-        return ExitCode.FAILURE
-    print(json.dumps({"uri": task.outputs["uri"], "digest": task.outputs["digest"]}))
-    return ExitCode.SUCCESS
+    arguments["nproc_per_node"] = args.nproc
+    storage = args.storage
+    settings = LocalRun(
+        workdir=workdir,
+        run=args.run,
+        storage=storage,
+        data_root=args.data or f"{storage}/data",
+        arguments=arguments,
+        stages=stages,
+        nproc=args.nproc,
+        preempt=preempt,
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    return run_local_pipeline(settings)

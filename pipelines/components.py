@@ -68,7 +68,9 @@ def train_stage(
     # The same overrides reach find-promoted here and promote later, so both compute the same digest;
     # the launch-only job.* settings below stay out of it.
     extra = json.loads(overrides) if overrides else []
-    launch_extra = list(extra)
+    # On one machine a preempted stage can restart at once; the cluster's 30 s default
+    # backoff waits for capacity that frees up elsewhere. A user override still wins.
+    launch_extra = (["job.retry.backoff_s=1"] if backend == "local" else []) + list(extra)
     if image:
         launch_extra.append(f"job.image={image}")
     if node_pool:
@@ -92,6 +94,7 @@ def train_stage(
         print(f"stage {stage}: a checkpoint promoted from the same config exists ({pointer['uri']}); not training")
         return "reused"
 
+    print(f"stage {stage}: training (config {config}, run {run_name})", flush=True)
     command = [
         sys.executable, "-m", "bagel.platform", "launch", "--config", config, "--run", run_name, "--stage", stage,
         "--storage", storage, "--init-from", init_from, "--backend", backend, "--nproc-per-node", str(nproc_per_node),
@@ -162,4 +165,12 @@ def promote_stage(
     if not pointer.get("uri") or not pointer.get("digest"):
         raise RuntimeError(f"promotion of stage {stage} returned no checkpoint: {completed.stdout!r}")
     print(f"stage {stage} promoted: {pointer['uri']} (digest {pointer['digest']})")
+    if not standin:
+        # The pointer next to the stage's summary.json lets `bagel run --local` report
+        # what each stage promoted; the pipeline itself passes it on as outputs.
+        from bagel.platform.checkpoint import storage as store
+        from bagel.platform.layout import StageLayout
+
+        fs, path = store.open_fs(f"{StageLayout(storage, run_name, stage).stage_dir}/promoted.json")
+        store.write_json(fs, path, {"uri": pointer["uri"], "digest": pointer["digest"], "reused": training == "reused"})
     return output(pointer["uri"], pointer["digest"])

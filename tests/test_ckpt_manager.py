@@ -16,7 +16,7 @@ from bagel.platform.checkpoint.config import CheckpointConfig
 from bagel.platform.checkpoint.listing import find_checkpoints, scan_checkpoints
 from bagel.platform.checkpoint.manager import CheckpointManager
 from bagel.platform.checkpoint.manifest import MANIFEST_NAME, read_manifest
-from bagel.platform.checkpoint.states import ModelState, TrainProgress
+from bagel.platform.checkpoint.states import ModelState, PerRankState, TrainProgress
 from bagel.platform.exit_codes import UsageError
 from bagel.platform.layout import StageLayout
 
@@ -247,3 +247,23 @@ def test_list_finds_checkpoints_under_root(store):
     entries = find_checkpoints(root, options)
     assert [(entry.step, entry.complete) for entry in entries] == [(2, False), (1, True)]
     assert all(entry.size_bytes > 0 for entry in entries)
+
+
+def test_per_rank_state_refuses_unsupported_reshard():
+    class PositionOnly:
+        def state_dict(self):
+            return {"position": 3}
+
+        def load_state_dict(self, state):
+            self.loaded = state
+
+    saved = PerRankState("dataloader", PositionOnly(), rank=0, size=2).state_dict()
+    resumed = PerRankState("dataloader", PositionOnly(), rank=0, size=4)
+    resumed.saved_size = 2
+    with pytest.raises(UsageError, match="'dataloader' was saved by 2 ranks and cannot be restored on 4"):
+        resumed.load_state_dict({"rank0": saved["rank0"], "rank1": saved["rank0"]})
+
+    same = PerRankState("dataloader", PositionOnly(), rank=0, size=2)
+    same.saved_size = 2
+    same.load_state_dict(saved)
+    assert same.inner.loaded == {"position": 3}

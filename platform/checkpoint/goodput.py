@@ -67,7 +67,7 @@ class GoodputTracker:
         self.layout = layout
         self.rank = rank
         self.heartbeat_seconds = heartbeat_seconds
-        self.ledger = AttemptLedger(start_unix=start_unix if start_unix is not None else _process_start_unix())
+        self.ledger = AttemptLedger(start_unix=start_unix if start_unix is not None else process_start_unix())
         self._fs, self._dir = storage.open_fs(storage.join(layout.stage_dir, "goodput"), storage_options)
         self._path = storage.join(self._dir, f"attempt-{int(self.ledger.start_unix * 1000)}.json")
         self._previous: list[AttemptLedger] = []
@@ -170,7 +170,7 @@ class GoodputTracker:
             logger.warning("goodput: could not write %s: %s", self._path, error)
 
 
-def _process_start_unix() -> float:
+def process_start_unix() -> float:
     """Return when this process started (from /proc on Linux), else now."""
     try:
         with open("/proc/self/stat") as stat_file:

@@ -33,7 +33,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from bagel.platform.checkpoint.config import CheckpointConfig
-from bagel.platform.checkpoint.goodput import GoodputTracker
+from bagel.platform.checkpoint.goodput import GoodputTracker, process_start_unix
 from bagel.platform.checkpoint.manager import CheckpointManager
 from bagel.platform.checkpoint.states import ModelState, OptimizerState, PerRankState, RNGState, TrainProgress
 from bagel.platform.exit_codes import ExitCode
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     losses: dict[int, str] = {}
     first_step_seconds = None
+    first_step_done_since_start = None  # seconds from process start to the end of the first step
     exit_code = ExitCode.SUCCESS
     for step in range(progress.step + 1, args.steps + 1):
         goodput.step_started()
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.step_sleep)
         if first_step_seconds is None:
             first_step_seconds = time.monotonic() - step_begin
+            first_step_done_since_start = time.time() - process_start_unix()
         progress.step = step
         progress.tokens_seen += args.batch * world_size
         goodput.heartbeat(step)
@@ -236,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             "exit_code": int(exit_code),
             "resume_seconds": resume_seconds,
             "first_step_seconds": first_step_seconds,
+            "first_step_done_since_start": first_step_done_since_start,
             "goodput": goodput.summary(),
         }
         with open(args.out, "w") as out_file:

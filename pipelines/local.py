@@ -1,10 +1,11 @@
 """`bagel run --local`: the four-stage pipeline on this machine, from an empty directory to promoted checkpoints.
 
-Steps: create the work directory; write the demo dataset into storage unless
-its manifests exist; run the kfp pipeline with the local runner in a child
-process (`bagel.pipelines.local_runner`), its full log going to
-`{workdir}/logs/{run}-{time}.log` while `ProgressView` prints a condensed view;
-then print and save (`{workdir}/{run}-summary.json`) the per-stage summary.
+It creates the work directory and writes the demo dataset into storage unless
+its manifests exist. Then it runs the kfp pipeline with the local runner in a
+child process (`bagel.pipelines.local_runner`). The child's full output goes to
+`{workdir}/logs/{run}-{time}.log`, and `ProgressView` prints a condensed view
+of it. At the end it prints the per-stage summary and saves it to
+`{workdir}/{run}-summary.json`.
 """
 
 from __future__ import annotations

@@ -27,13 +27,16 @@ _COMMITTED = re.compile(r"\[rank0\] INFO bagel\.platform\.checkpoint\.manager: c
 _SUBMISSION = re.compile(r"bagel\.platform\.launch\.local: local run of [\w-]+/(\w+), submission (\d+)/(\d+): (.*)")
 _RETRY = re.compile(r"bagel\.platform\.launch\.local: stage (\w+) was preempted; running it again in (\S+) s")
 _TASK_FAILED = re.compile(r"Task '?(\S+?)'? finished with status FAILURE")
-_ERROR = re.compile(r"(\bERROR\b|^error:|^Error:|Traceback \(most recent call last\))")
+# torchrun's traceback after a worker's exit 75 is expected, so tracebacks are left to the log.
+_ERROR = re.compile(r"(\bERROR\b|^error:|^Error:)")
+# `bagel launch` repeats a failed stage's log tail as ERROR records; the summary shows the tail once.
+_LAUNCH_TAIL = re.compile(r"ERROR bagel\.platform\.commands\.launch:\s+\| ")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass
 class StageProgress:
-    """What the log showed about one stage."""
+    """The state of one stage as read from the log."""
 
     outcome: str = "pending"  # "training", "trained" (promoted after training) or "reused"
     submissions: int = 0  # launcher submissions; more than one means it was preempted and resumed
@@ -115,7 +118,7 @@ class ProgressView:
         elif match := _TASK_FAILED.search(line):
             self.errors.append(line)
             self._print(f"error: pipeline task {match.group(1)} failed")
-        elif _ERROR.search(line):
+        elif _ERROR.search(line) and not _LAUNCH_TAIL.search(line):
             self.errors.append(line)
             self._print(line)
 

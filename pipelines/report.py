@@ -19,7 +19,7 @@ class StageReport:
     """One stage's row of the summary. Numbers are None where the stage has no summary.json in this run."""
 
     stage: str
-    outcome: str  # "trained", "reused" or "failed"
+    outcome: str  # "trained", "reused", "failed" or "not run" (an earlier stage failed)
     submissions: int  # launcher submissions this time (0 when reused); more than 1 means preempted and resumed
     steps: int | None = None
     tokens: int | None = None
@@ -47,7 +47,7 @@ def collect_reports(storage: str, run: str, stages: list[str], outcomes: dict[st
     reports = []
     for stage in stages:
         layout = StageLayout(storage, run, stage)
-        outcome, submissions = outcomes.get(stage, ("failed", 0))
+        outcome, submissions = outcomes.get(stage, ("not run", 0))
         report = StageReport(stage=stage, outcome=outcome, submissions=submissions)
         summary = _read_json(layout.summary_uri) or {}
         for key in ("steps", "tokens", "first_loss", "last_loss", "final_ce", "final_mse", "wall_time_s", "goodput"):

@@ -258,11 +258,15 @@ class MetricsConfig:
     peak_tflops: float = 0.0
     """Peak dense bf16 TFLOP/s of one accelerator for MFU; 0 looks the GPU name up in a table."""
 
+    goodput_heartbeat_s: float = 30.0
+    """Seconds between writes of the goodput ledger (rank 0). After a SIGKILL, the work lost since the
+    last checkpoint is under-counted by up to this much; 0 writes it after every step."""
+
     def validate(self) -> None:
-        if self.log_every < 1 or self.sync_every_s <= 0 or self.peak_tflops < 0:
+        if self.log_every < 1 or self.sync_every_s <= 0 or self.peak_tflops < 0 or self.goodput_heartbeat_s < 0:
             raise ConfigError(
-                f"metrics.log_every={self.log_every} must be >= 1, sync_every_s={self.sync_every_s} > 0 "
-                f"and peak_tflops={self.peak_tflops} >= 0"
+                f"metrics.log_every={self.log_every} must be >= 1, sync_every_s={self.sync_every_s} > 0, "
+                f"peak_tflops={self.peak_tflops} >= 0 and goodput_heartbeat_s={self.goodput_heartbeat_s} >= 0"
             )
 
 
@@ -404,8 +408,8 @@ def build_run_config(mapping: dict[str, Any]) -> RunConfig:
             except (ValueError, TypeError) as error:
                 raise ConfigError(f"invalid {name} section: {error}") from None
         else:
-            external[name] = _build(cls, raw, name)
-    config = _build(RunConfig, mapping, "")
+            external[name] = build_dataclass(cls, raw, name)
+    config = build_dataclass(RunConfig, mapping, "")
     for name, value in external.items():
         setattr(config, name, value)
     return config
@@ -416,8 +420,13 @@ def _check_choice(field_name: str, value: str, choices: tuple[str, ...]) -> None
         raise ConfigError(f"{field_name}={value!r} is invalid: use one of {', '.join(repr(c) for c in choices)}")
 
 
-def _build(cls: type, mapping: Any, path: str) -> Any:
-    """Build dataclass `cls` from `mapping`, recursing into nested dataclasses; errors name `path.field`."""
+def build_dataclass(cls: type, mapping: Any, path: str) -> Any:
+    """Build dataclass `cls` from a plain `mapping`, type-checking every field and recursing into nested dataclasses.
+
+    `path` is the section's dotted name (`job`, `preemption`), so errors name
+    the field (`job.nodes`). Unknown keys, wrong types and values the class
+    rejects raise ConfigError. Other components use it for the config sections they own.
+    """
     if mapping is None:
         mapping = {}
     if not isinstance(mapping, dict):
@@ -462,7 +471,7 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}={value!r} is invalid: use one of {typing.get_args(hint)}")
         return value
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path)
+        return build_dataclass(hint, value, path)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}={value!r} is invalid: expected a list")
@@ -519,6 +528,7 @@ __all__ = [
     "SpikeConfig",
     "STAGES",
     "TrainConfig",
+    "build_dataclass",
     "build_run_config",
     "load_config_dict",
     "load_run_config",

@@ -1,6 +1,7 @@
 """Job specs built from a stage config validate strictly and carry the restart, placement and storage rules."""
 
 import copy
+import math
 
 import pytest
 import yaml
@@ -209,12 +210,47 @@ def test_plan_from_stage_config(tmp_path):
     validate_object(obj)
 
 
-def test_grace_period_follows_deadline():
-    job = job_config_from_dict({"grace_margin_s": 10})
-    assert job.grace_period({}) == 25 + 10
-    assert job.grace_period({"preemption": {"deadline_seconds": 100.5}}) == 101 + 10
-    assert job.grace_period({"checkpoint": {"preemption": {"deadline_seconds": 60}}}) == 60 + 10
-    assert job_config_from_dict({"grace_period_s": 300}).grace_period({"preemption": {"deadline_seconds": 60}}) == 300
+def grace_periods(obj) -> list:
+    """Every terminationGracePeriodSeconds in a job object (pod templates of all replica types)."""
+    if isinstance(obj, dict):
+        found = [obj["terminationGracePeriodSeconds"]] if "terminationGracePeriodSeconds" in obj else []
+        return found + [value for item in obj.values() for value in grace_periods(item)]
+    if isinstance(obj, list):
+        return [value for item in obj for value in grace_periods(item)]
+    return []
+
+
+@pytest.mark.parametrize("kind", ["TrainJob", "PyTorchJob"])
+def test_grace_period_follows_trainer_deadline(kind):
+    """The pods' grace period follows the field the trainer reads (RunConfig.preemption.deadline_seconds)."""
+    from bagel.platform.config import load_run_config
+    from bagel.platform.preemption import PreemptionConfig
+
+    plans = {
+        deadline: plan_stage("tiny/pretrain", [f"job.kind={kind}", "job.grace_margin_s=10", *overrides], run="grace", storage="s3://b/x")
+        for deadline, overrides in [
+            (PreemptionConfig().deadline_seconds, []),
+            (100.5, ["preemption.deadline_seconds=100.5"]),
+            (7, ["preemption.deadline_seconds=7"]),
+        ]
+    }
+    for deadline, plan in plans.items():
+        assert plan.grace_period_s == math.ceil(deadline) + 10
+        periods = grace_periods(plan.job_object())
+        assert periods and set(periods) == {math.ceil(deadline) + 10}, (kind, periods)
+    # The same override reaches the trainer's own config field.
+    trainer_config = load_run_config("tiny/pretrain", ["preemption.deadline_seconds=7"])
+    assert trainer_config.preemption.deadline_seconds == 7
+    # A misspelt field fails instead of falling back to the default deadline.
+    with pytest.raises(ConfigError, match="deadline_second"):
+        plan_stage("tiny/pretrain", ["preemption.deadline_second=60"], run="grace", storage="s3://b/x")
+    with pytest.raises(ConfigError, match="preemption"):
+        plan_stage("tiny/pretrain", ["preemption.deadline_seconds=-1"], run="grace", storage="s3://b/x")
+
+
+def test_explicit_grace_period_wins():
+    job = job_config_from_dict({"grace_period_s": 300})
+    assert job.grace_period({"preemption": {"deadline_seconds": 60}}) == 300
 
 
 def test_packaged_configs_plan():

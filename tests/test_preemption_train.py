@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from bagel.platform.checkpoint import storage
 from bagel.platform.checkpoint.toy import spawn_ranks, wait_ranks
 from bagel.platform.exit_codes import ExitCode
+from bagel.platform.metrics.tensorboard import read_scalars
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +32,13 @@ STEPS = 6
 SEED = 5
 
 
-def train_command(root: str, run: str) -> list[str]:
+def train_command(root: str, run: str, tensorboard: bool = False) -> list[str]:
     return [
         sys.executable, "-m", "bagel.platform", "train", "--config", "tiny/pretrain",
         f"train.steps={STEPS}", "checkpoint.interval_steps=2", f"run.name={run}", f"run.storage={root}",
-        "metrics.tensorboard=false", "metrics.gpu_health=false",
+        f"metrics.tensorboard={str(tensorboard).lower()}", "metrics.gpu_health=false", "metrics.sync_every_s=600",
+        # The goodput ledger is written after every step, so the SIGKILLed attempt's lost work is counted.
+        "metrics.goodput_heartbeat_s=0",
     ]
 
 
@@ -85,7 +88,9 @@ def test_train_preemptions_bit_identical(tmp_path, s3_server):
     reference = spawn_ranks(train_command(root, "reference"), 2, env=env, log_dir=str(tmp_path / "reference"))
     for name, fault_env, expected_codes in attempts:
         (tmp_path / name).mkdir()
-        codes = wait_ranks(spawn_ranks(train_command(root, "chain"), 2, env={**env, **fault_env}, log_dir=str(tmp_path / name)), 300)
+        # The last attempt also writes TensorBoard events, to check the goodput scalars after the resumes.
+        command = train_command(root, "chain", tensorboard=name == "final")
+        codes = wait_ranks(spawn_ranks(command, 2, env={**env, **fault_env}, log_dir=str(tmp_path / name)), 300)
         assert codes == expected_codes, f"{name}: {context}\n{logs(tmp_path / name)[-6000:]}"
     assert wait_ranks(reference, 300) == [0, 0], logs(tmp_path / "reference")[-6000:]
 
@@ -101,6 +106,24 @@ def test_train_preemptions_bit_identical(tmp_path, s3_server):
     assert summary["final_ce"] == expected_summary["final_ce"]
     assert summary["final_mse"] == expected_summary["final_mse"]
     assert 0 < summary["goodput"] <= 1
+    # Time lost over the four attempts: every attempt restarted and saved, and the
+    # SIGKILLed attempt's steps after its last committed checkpoint were redone.
+    breakdown = summary["goodput_breakdown"]
+    assert breakdown["goodput"] == summary["goodput"]
+    assert breakdown["attempts"] == len(attempts)
+    assert breakdown["restart_s"] > 0, breakdown
+    assert breakdown["checkpoint_stall_s"] > 0, breakdown
+    assert breakdown["lost_work_s"] > 0, breakdown
+    assert breakdown["productive_s"] < breakdown["wall_time_s"]
+    fs, path = storage.open_fs(f"{stage}/tensorboard", options)
+    (tmp_path / "events").mkdir()
+    for remote in fs.ls(path, detail=False):
+        fs.get(remote, str(tmp_path / "events" / remote.rsplit("/", 1)[-1]))
+    scalars = read_scalars(str(tmp_path / "events"))
+    for tag in ("goodput", "restart_s", "checkpoint_stall_s", "lost_work_s", "attempts"):
+        assert f"goodput/{tag}" in scalars, sorted(scalars)
+    assert scalars["goodput/attempts"][-1] == (STEPS, len(attempts))
+    assert scalars["goodput/lost_work_s"][-1][1] > 0
 
     final = f"{stage}/checkpoints/step-{STEPS:08d}"
     expected = read_tensors(f"{root}/runs/reference/pretrain/checkpoints/step-{STEPS:08d}", options)

@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from bagel.platform.config import config_path
+from bagel.platform.data.synthetic import write_image_dataset
 from bagel.platform.metrics.tensorboard import read_scalars
 
 SCALARS = [
@@ -46,7 +49,10 @@ def test_tiny_pretrain_two_ranks(demo: Path, tmp_path: Path) -> None:
     scalars = read_scalars(str(stage / "tensorboard"))
     for tag in SCALARS:
         assert [step for step, _ in scalars[tag]] == [1, 2, 3, 4], tag
-    assert any(tag.startswith("data/") for tag in scalars)
+    # The data counters are summed over both ranks' loaders: 4 steps x 2 ranks x 1 pack.
+    assert scalars["data/packs"][-1] == (4, 8.0)
+    assert scalars["data/tokens"][-1] == (4, float(summary["tokens"]))
+    assert scalars["data/skipped"][-1][1] >= 0
 
 
 @pytest.mark.slow
@@ -69,3 +75,32 @@ def test_invalid_config_exits_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "optim.lr=-1" in result.stderr
+
+
+def bad_data_config(tmp_path: Path) -> Path:
+    """Return a tiny pretrain config whose only dataset has 4 bad samples in 24 (17%)."""
+    faults = {1: "corrupt_image", 4: "zero_size_image", 7: "missing_field", 10: "too_long"}
+    uri = write_image_dataset((tmp_path / "bad").as_uri(), "bad", 24, 3, bad=faults)
+    config = yaml.safe_load(config_path("tiny/pretrain").read_text())
+    config["data"]["datasets"] = [{"name": "bad", "uri": uri}]
+    config["data"]["skip_min_samples"] = 5
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_skipped_samples_reach_tensorboard(demo: Path, tmp_path: Path) -> None:
+    config = bad_data_config(tmp_path)
+    result = train(["--config", str(config), "train.steps=3", "data.skip_threshold=0.5", "checkpoint.enable=false"], demo, tmp_path, 1)
+    assert result.returncode == 0, result.stderr[-4000:]
+    scalars = read_scalars(str(tmp_path / "runs" / "dev" / "pretrain" / "tensorboard"))
+    assert scalars["data/skipped"][-1][1] > 0
+    assert scalars["data/skipped/corrupt_image"][-1][1] >= 1
+
+
+def test_skip_threshold_exits_2(demo: Path, tmp_path: Path) -> None:
+    config = bad_data_config(tmp_path)
+    result = train(["--config", str(config), "train.steps=20", "data.skip_threshold=0.01"], demo, tmp_path, 1)
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "dataset bad" in result.stderr
+    assert "skip_threshold" in result.stderr

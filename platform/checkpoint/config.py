@@ -23,6 +23,10 @@ class CheckpointConfig:
     async_save: bool = True
     """Write in a background thread; the training loop blocks only while state is copied to host memory."""
 
+    reuse_staging_buffers: bool = True
+    """Asynchronous saves copy the state into host buffers kept from one save to the next (pinned on CUDA),
+    so later saves block the loop only for the copy. Costs one host copy of the rank's state between saves."""
+
     save_final: bool = True
     """Save after the last step even when it is not on the interval."""
 

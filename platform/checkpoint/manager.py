@@ -69,6 +69,7 @@ from bagel.platform.checkpoint.goodput import GoodputTracker
 from bagel.platform.checkpoint.listing import CheckpointEntry, inspect_checkpoint, scan_checkpoints, step_dir_name
 from bagel.platform.checkpoint.manifest import check_checksums
 from bagel.platform.checkpoint.reader import WholeFileReader
+from bagel.platform.checkpoint.staging import ReusedBufferStager
 from bagel.platform.checkpoint.states import PerRankState, TrainProgress, saved_rank_count
 from bagel.platform.checkpoint.writer import ManifestWriter
 from bagel.platform.exit_codes import UsageError
@@ -119,7 +120,9 @@ class CheckpointManager:
         self._pg = dist.new_group(backend="gloo") if self.distributed else None
 
         self._future: Future | None = None
-        self._read_cache: dict[str, bytes] = {}  # checked file contents kept for the next load
+        self._read_cache: dict[str, Any] = {}  # checked file contents kept for the next load
+        # Host buffers of asynchronous saves, reused from one save to the next.
+        self._stager = ReusedBufferStager() if config.reuse_staging_buffers else None
         self._committed_event = threading.Event()
         self._pending_step: int | None = None
         self._last_saved_step: int | None = None
@@ -234,7 +237,7 @@ class CheckpointManager:
             **self.storage_options,
         )
         if self.config.async_save and not blocking:
-            future = dcp.async_save(states, storage_writer=writer, process_group=self._pg)
+            future = dcp.async_save(states, storage_writer=writer, process_group=self._pg, async_stager=self._stager)
             self._future = future
             self._pending_step = step
             # Commit bookkeeping (log, purge) runs in the upload thread as soon
@@ -273,8 +276,10 @@ class CheckpointManager:
             self.goodput.add_checkpoint_stall(waited)
 
     def close(self) -> None:
-        """Wait for the last save. Call it before the process exits, or the save is lost."""
+        """Wait for the last save and free the staging buffers. Call it before the process exits, or the save is lost."""
         self.wait()
+        if self._stager is not None:
+            self._stager.close()
 
     # Internals.
 

@@ -7,7 +7,6 @@ its size and SHA-256: a size check (one listing) catches a truncated or
 missing file, and the checksum check catches a corrupted one.
 """
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -92,25 +91,30 @@ def check_sizes(fs: AbstractFileSystem, directory: str, manifest: Manifest) -> l
 
 
 def check_checksums(
-    fs: AbstractFileSystem, directory: str, manifest: Manifest, names: list[str], keep: dict[str, bytes] | None = None
+    fs: AbstractFileSystem, directory: str, manifest: Manifest, names: list[str], keep: dict[str, Any] | None = None
 ) -> list[str]:
-    """Hash the files `names` and return one problem per SHA-256 mismatch.
+    """Hash the files `names` and return one problem per SHA-256 (or size) mismatch.
 
-    With `keep`, each file is read whole and its content stored there (by
-    name) when it matches, so a following load need not read it again.
+    With `keep`, each file is read whole into memory and hashed in the same
+    pass (`reader.read_verified`), and its content is stored there (by name)
+    when it matches, so the following load reads nothing again.
     """
     problems = []
     for name in names:
         path = storage.join(directory, name)
+        record = manifest.files[name]
         if keep is None:
             actual = storage.sha256_file(fs, path)
         else:
-            from bagel.platform.checkpoint.reader import read_whole
+            from bagel.platform.checkpoint.reader import read_verified
 
-            data = read_whole(fs, path)
-            actual = hashlib.sha256(data).hexdigest()
-        if actual != manifest.files[name].sha256:
-            problems.append(f"{name} has SHA-256 {actual[:16]}..., the manifest records {manifest.files[name].sha256[:16]}...")
+            data, actual, read = read_verified(fs, path, record.size)
+            if read != record.size:
+                problems.append(f"{name} has {read if read <= record.size else 'more than ' + str(record.size)} bytes, "
+                                f"the manifest records {record.size}")
+                continue
+        if actual != record.sha256:
+            problems.append(f"{name} has SHA-256 {actual[:16]}..., the manifest records {record.sha256[:16]}...")
         elif keep is not None:
             keep[name] = data
     return problems

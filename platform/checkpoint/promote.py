@@ -35,6 +35,7 @@ from bagel.platform.checkpoint import storage
 from bagel.platform.checkpoint.listing import CheckpointEntry, find_checkpoints, inspect_checkpoint
 from bagel.platform.checkpoint.manifest import check_checksums
 from bagel.platform.checkpoint.reader import WholeFileReader
+from bagel.platform.checkpoint.states import clean_fqn
 from bagel.platform.checkpoint.writer import ManifestWriter
 from bagel.platform.exit_codes import UsageError
 from bagel.platform.layout import promoted_dir
@@ -42,8 +43,6 @@ from bagel.platform.layout import promoted_dir
 logger = logging.getLogger(__name__)
 
 WEIGHT_STATES = ("model", "ema")
-# Segments that wrappers (activation checkpointing, torch.compile, FSDP1) insert into parameter names.
-_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
 # Sin-cos tables and the config field that sets their grid side.
 _POSITION_TABLES = {
     "vit_pos_embed.pos_embed": "vit_max_num_patch_per_side",
@@ -64,11 +63,6 @@ class PromotedCheckpoint:
 
     def to_json(self) -> dict[str, Any]:
         return {"uri": self.uri, "digest": self.digest, "reused": self.reused}
-
-
-def canonical_name(name: str) -> str:
-    """Drop wrapper segments from a parameter name (`layers.0._checkpoint_wrapped_module.mlp` -> `layers.0.mlp`)."""
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
 def read_weights(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, torch.Tensor]]:
@@ -92,7 +86,7 @@ def read_weights(uri: str, storage_options: dict[str, Any] | None = None) -> dic
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in targets.items():
         state, name = key.split(".", 1)
-        weights.setdefault(state, {})[canonical_name(name)] = tensor
+        weights.setdefault(state, {})[clean_fqn(name)] = tensor
     return weights
 
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_WRAPPED_MODULE
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -30,6 +31,23 @@ from torch.distributed.checkpoint.stateful import Stateful
 from bagel.platform.exit_codes import UsageError
 
 logger = logging.getLogger(__name__)
+
+# Name segments that module wrappers insert into parameter names: activation
+# checkpointing (torch's checkpoint_wrapper), torch.compile and FSDP1.
+WRAPPER_SEGMENTS = (_CHECKPOINT_WRAPPED_MODULE, "_orig_mod", "_fsdp_wrapped_module")
+
+
+def clean_fqn(name: str) -> str:
+    """Return a parameter or buffer name without wrapper segments, as checkpoints key it.
+
+    `language_model.model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight`
+    becomes `language_model.model.layers.0.mlp.up_proj.weight`, so a checkpoint
+    saved with activation checkpointing or compile on loads with them off, and
+    the other way round. torch's `get_model_state_dict` applies the same rule
+    to the model and optimizer states; everything else keyed by parameter names
+    (the EMA, promotion) uses this function.
+    """
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
 
 
 class ModelState(Stateful):

@@ -2,7 +2,10 @@
 
 RUN is a run name under `--storage` (every stage of the run appears as its
 own TensorBoard run), a log-directory URI (`s3://...`, `file://...`) or a
-local path; without RUN, every run under `--storage` is served.
+local path; without RUN, every run under `--storage` is served. The default
+storage is the one `bagel run --local` uses: $BAGEL_STORAGE, else
+`file://WORKDIR/storage` with `--workdir` (default ./bagel-work), so after
+`bagel run --local` the command `bagel tensorboard local` shows that run.
 """
 
 import argparse
@@ -14,7 +17,7 @@ import sys
 from pathlib import Path
 
 from bagel.platform.exit_codes import ExitCode, UsageError
-from bagel.platform.layout import DEFAULT_STORAGE_ENV, default_storage
+from bagel.platform.layout import DEFAULT_STORAGE_ENV, DEFAULT_WORKDIR, default_storage
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--storage",
         default=None,
-        help=f"storage root of the runs (default: ${DEFAULT_STORAGE_ENV}, else {default_storage()})",
+        help=f"storage root of the runs (default: ${DEFAULT_STORAGE_ENV}, else file://WORKDIR/storage)",
+    )
+    parser.add_argument(
+        "--workdir", default=DEFAULT_WORKDIR, help=f"work directory of `bagel run --local` (default: ./{DEFAULT_WORKDIR})"
     )
     parser.add_argument("--port", type=int, default=6006, help="TCP port on 127.0.0.1 (0 picks a free one)")
     parser.add_argument(
@@ -74,7 +80,7 @@ def tensorboard_environment(logdir: str) -> dict[str, str]:
 
 
 def run_tensorboard(args: argparse.Namespace) -> int:
-    storage = args.storage or os.environ.get(DEFAULT_STORAGE_ENV) or default_storage()
+    storage = args.storage or os.environ.get(DEFAULT_STORAGE_ENV) or default_storage(args.workdir)
     logdir = resolve_logdir(args.run, storage)
     executable = shutil.which("tensorboard") or str(Path(sys.executable).with_name("tensorboard"))
     command = [

@@ -83,6 +83,7 @@ class DataConfig:
     skip_threshold: float = 0.01  # stop when more than this fraction of a dataset's samples is bad
     skip_min_samples: int = 200  # the threshold applies once a dataset has seen this many samples
     read_ahead_bytes: int = 8 * 2**20  # bytes fetched per storage request while streaming a shard
+    read_ahead_blocks: int = 2  # requests of read_ahead_bytes in flight ahead of the parser (memory: blocks + 1)
     retry: RetryConfig = field(default_factory=RetryConfig)
     # Start the stream afresh instead of loading a checkpoint's data position
     # (needed after a change of data-parallel size or workers; samples repeat).
@@ -115,6 +116,11 @@ class DataConfig:
             )
         if not 0 <= self.skip_threshold <= 1:
             raise ValueError(f"data.skip_threshold={self.skip_threshold} is invalid: use a fraction in [0, 1]")
+        if self.read_ahead_blocks < 1 or self.read_ahead_bytes < 4096:
+            raise ValueError(
+                f"data.read_ahead_blocks={self.read_ahead_blocks}, read_ahead_bytes={self.read_ahead_bytes}: "
+                "use at least 1 block of at least 4096 bytes"
+            )
 
     @classmethod
     def from_dict(cls, raw: Any) -> "DataConfig":

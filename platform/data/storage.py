@@ -11,8 +11,9 @@ switched off for the filesystems this module creates, so every retried request
 is counted (the `retries` metric) and bounded by one budget.
 
 `ShardReader` streams one object with read-ahead: it fetches `read_ahead_bytes`
-per ranged request and prefetches the next block on a thread while the caller
-parses the current one, so a shard is never downloaded whole before use.
+per ranged request and keeps the next `read_ahead_blocks` blocks in flight on
+background threads while the caller parses the current one, so download and
+parsing overlap and a shard is never downloaded whole before use.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import os
 import random
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
@@ -161,13 +163,16 @@ class ShardReader:
     """A read-only, seekable, file-like view of one object, fetched in retried ranged reads.
 
     `size` is the object's length in bytes. Reads are served from the current
-    block, and the next block is fetched on a background thread while the
-    caller works on this one. So at most two blocks are in memory, never the
-    whole object.
+    block while up to `depth` following blocks are fetched by background
+    threads (a bounded queue of requests in flight), so the download of the
+    next blocks overlaps the caller's parsing of this one. At most
+    `depth + 1` blocks are in memory, never the whole object. A seek outside
+    the queued range drops the queue and restarts it at the new position.
     """
 
-    _executor = None  # one prefetch thread per process, created lazily (after any fork)
+    _executor = None  # the prefetch threads of this process, created lazily (after any fork)
     _executor_pid = None
+    _POOL_THREADS = 4  # enough for a full queue of the current shard plus the next shard's first block
 
     def __init__(
         self,
@@ -177,18 +182,20 @@ class ShardReader:
         retry: RetryConfig,
         stats: RetryStats | None = None,
         size: int | None = None,
+        depth: int = 2,
     ) -> None:
         self.fs, self.path, self.block_size, self.retry, self.stats = fs, path, max(4096, block_size), retry, stats
+        self.depth = max(1, depth)
         self.size = size if size is not None else call_with_retries(lambda: fs.size(path), f"size of {path}", retry, stats)
         self._pos = 0
         self._block_start = 0
         self._block = b""
-        self._next: tuple[int, Future] | None = None
+        self._ahead: deque[tuple[int, Future]] = deque()  # (block start, fetch) in byte order, contiguous
 
     @classmethod
     def _pool(cls) -> ThreadPoolExecutor:
         if cls._executor is None or cls._executor_pid != os.getpid():
-            cls._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-prefetch")
+            cls._executor = ThreadPoolExecutor(max_workers=cls._POOL_THREADS, thread_name_prefix="shard-prefetch")
             cls._executor_pid = os.getpid()
         return cls._executor
 
@@ -200,27 +207,40 @@ class ShardReader:
             lambda: self.fs.cat_file(self.path, start=start, end=end), f"read {self.path}[{start}:{end}]", self.retry, self.stats
         )
 
+    def _drop_queue(self) -> None:
+        while self._ahead:
+            self._ahead.popleft()[1].cancel()
+
+    def _fill_queue(self, start: int, limit: int) -> None:
+        """Queue fetches of the blocks from byte `start` on until `limit` are in flight."""
+        following = self._ahead[-1][0] + self.block_size if self._ahead else start
+        while len(self._ahead) < limit and following < self.size:
+            self._ahead.append((following, self._pool().submit(self._fetch, following)))
+            following += self.block_size
+
     def prefetch(self, start: int) -> None:
         """Request the block at byte `start` in the background (the next read there waits for it)."""
-        if self._next is None and start < self.size:
-            self._next = (start, self._pool().submit(self._fetch, start))
+        if not self._ahead and start < self.size:
+            self._fill_queue(start, 1)
 
     def _load_block(self, start: int) -> None:
-        if self._next is not None and self._next[0] == start:
-            data = self._next[1].result()
+        if self._ahead and self._ahead[0][0] != start:
+            self._drop_queue()  # a seek away from the queued range (skipping samples on resume)
+        if self._ahead:
+            data = self._ahead.popleft()[1].result()
         else:
-            if self._next is not None:
-                self._next[1].cancel()
             data = self._fetch(start)
         self._block_start, self._block = start, data
-        following = start + len(data)
-        self._next = None
-        if data and following < self.size:
-            self._next = (following, self._pool().submit(self._fetch, following))
+        if data:
+            self._fill_queue(start + len(data), self.depth)
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
             n = self.size - self._pos
+        offset = self._pos - self._block_start
+        if 0 <= offset and offset + n <= len(self._block):  # the common case: inside the current block
+            self._pos += n
+            return self._block[offset : offset + n]
         out = []
         while n > 0 and self._pos < self.size:
             offset = self._pos - self._block_start
@@ -253,9 +273,7 @@ class ShardReader:
         return True
 
     def close(self) -> None:
-        if self._next is not None:
-            self._next[1].cancel()
-            self._next = None
+        self._drop_queue()
         self._block = b""
 
     def __enter__(self) -> "ShardReader":

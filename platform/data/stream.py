@@ -175,7 +175,9 @@ class DatasetStream:
         """Open a shard and request its first block; an error is returned, to be reported at the shard's turn."""
         try:
             fs, path = self.filesystems.get(self.manifest.shard_uri(shard))
-            reader = ShardReader(fs, path, self.config.read_ahead_bytes, self.config.retry, self.retry_stats)
+            reader = ShardReader(
+                fs, path, self.config.read_ahead_bytes, self.config.retry, self.retry_stats, depth=self.config.read_ahead_blocks
+            )
             reader.prefetch(0)
             return reader
         except Exception as error:  # storage errors that survived the retries

@@ -20,17 +20,16 @@ naming the key), never by the trainer, which ignores it.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from bagel.platform.config import ConfigError
-from bagel.platform.config import _build as build_dataclass  # the stage config's typed converter
+from bagel.platform.config import ConfigError, build_dataclass
 
 JOB_KINDS = ("TrainJob", "PyTorchJob")
 GANG_SCHEDULERS = ("none", "coscheduling", "volcano")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-DEFAULT_PREEMPTION_DEADLINE_S = 25.0  # PreemptionConfig.deadline_seconds's default
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")
 
 
@@ -239,19 +238,18 @@ class JobConfig:
 
         After SIGTERM the trainer saves a checkpoint for at most its
         preemption deadline and then exits. The pod must live at least that
-        long, or the kubelet kills it in the middle of the upload. The deadline is read from
-        `preemption.deadline_seconds` (or `checkpoint.preemption.deadline_seconds`)
-        of the stage config, default 25 s as in bagel.platform.preemption.
+        long, or the kubelet kills it in the middle of the upload. The deadline
+        is the trainer's own `preemption.deadline_seconds` (RunConfig.preemption,
+        a `PreemptionConfig`), built from the stage config's `preemption`
+        section exactly as `bagel train` builds it, defaults included.
         """
         if self.grace_period_s:
             return self.grace_period_s
-        stage_config = stage_config or {}
-        sections = [stage_config.get("preemption"), (stage_config.get("checkpoint") or {}).get("preemption")]
-        deadline = next(
-            (float(s["deadline_seconds"]) for s in sections if isinstance(s, dict) and "deadline_seconds" in s),
-            DEFAULT_PREEMPTION_DEADLINE_S,
-        )
-        return int(deadline + 0.999) + self.grace_margin_s
+        from bagel.platform.preemption import PreemptionConfig
+
+        section = (stage_config or {}).get("preemption")
+        preemption = build_dataclass(PreemptionConfig, section, "preemption")
+        return math.ceil(preemption.deadline_seconds) + self.grace_margin_s
 
 
 def job_config_from_dict(section: dict[str, Any] | None) -> JobConfig:

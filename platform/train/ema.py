@@ -12,12 +12,9 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from bagel.platform.checkpoint.states import clean_fqn
+
 logger = logging.getLogger(__name__)
-
-
-def canonical_name(name: str) -> str:
-    """Drop wrapper prefixes (activation checkpointing, torch.compile) so names match the checkpoint's."""
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -38,7 +35,7 @@ class ModelEMA:
             for name, param in model.named_parameters():
                 if not param.requires_grad:
                     continue
-                name = canonical_name(name)
+                name = clean_fqn(name)
                 self.names.append(name)
                 self.params.append(param)
                 self.shadow[name] = param.detach().to(torch.float32, copy=True)
@@ -66,6 +63,6 @@ class ModelEMA:
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Overwrite the trainable parameters of `model` with the EMA weights."""
-        params = {canonical_name(name): param for name, param in model.named_parameters()}
+        params = {clean_fqn(name): param for name, param in model.named_parameters()}
         for name in self.names:
             _local(params[name]).copy_(_local(self.shadow[name]))

@@ -3,6 +3,7 @@
 Losses arrive already reduced over all ranks, so every rank takes the same decision.
 """
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -79,9 +80,18 @@ class SpikeMonitor:
             self.means[name] = value if previous is None else decay * previous + (1 - decay) * value
 
     def state_dict(self) -> dict:
-        return {"means": dict(self.means), "accepted": self.accepted, "skipped_total": self.skipped_total}
+        # The means travel as one JSON string: DCP loads only the keys of the target's
+        # state_dict, and a fresh monitor has no per-term keys yet.
+        return {
+            "means": json.dumps(self.means, sort_keys=True),
+            "accepted": self.accepted,
+            "consecutive": self.consecutive,
+            "skipped_total": self.skipped_total,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.means = dict(state.get("means", {}))
+        means = state.get("means", {})
+        self.means = {name: float(value) for name, value in (json.loads(means) if isinstance(means, str) else means).items()}
         self.accepted = int(state.get("accepted", 0))
+        self.consecutive = int(state.get("consecutive", 0))
         self.skipped_total = int(state.get("skipped_total", 0))

@@ -36,6 +36,23 @@ def peak_flops_per_s(device: torch.device, configured_tflops: float) -> float:
     return 0.0
 
 
+def gather_data_metrics(local: dict[str, float], dp_rank: int, world_size: int) -> dict[str, float]:
+    """Sum the data loaders' cumulative counters (packs, tokens, skipped/<reason>, ...) over the data-parallel ranks.
+
+    Collective over all ranks. Ranks with the same `dp_rank` (tensor- and
+    context-parallel peers) read the same data, so each data shard counts once.
+    """
+    if world_size == 1:
+        return dict(local)
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, (dp_rank, local))
+    total: dict[str, float] = {}
+    for _, metrics in dict(gathered).items():  # one entry per dp_rank
+        for key, value in metrics.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 class Trainer:
     """Owns every object of one training run; `setup()` then `fit()` (or the parity harness calls `step_fn`)."""
 
@@ -138,7 +155,7 @@ class Trainer:
     def fit(self, data=None) -> ExitCode:
         """Train `train.steps` steps from `data` (default: the configured data loader); return the exit code."""
         from bagel.platform.checkpoint import CheckpointManager, GoodputTracker
-        from bagel.platform.checkpoint.states import ModelState, OptimizerState, PerRankState, RNGState, TrainProgress
+        from bagel.platform.checkpoint.states import TrainProgress
         from bagel.platform.preemption import PreemptionHandler, inject_fault
 
         config = self.config
@@ -147,7 +164,9 @@ class Trainer:
         preemption = PreemptionHandler(config.preemption)
         preemption.install()
         storage_options = getattr(config.checkpoint, "storage_options", {}) or {}
-        goodput = GoodputTracker(layout, rank=self.rank, storage_options=storage_options)
+        goodput = GoodputTracker(
+            layout, rank=self.rank, storage_options=storage_options, heartbeat_seconds=config.metrics.goodput_heartbeat_s
+        )
         self._goodput = goodput
         ckpt = CheckpointManager(config.checkpoint, layout, init_from=config.run.init_from, goodput=goodput)
 
@@ -156,18 +175,7 @@ class Trainer:
 
             data = build_data_loader(config.data, self.model_config, meshes.dp_rank, meshes.dp_size)
         progress = TrainProgress()
-        states = {
-            "model": ModelState(self.model),
-            # torchtitan's container contains one AdamW; DCP's optimizer state helpers need the torch optimizer.
-            "optimizer": OptimizerState(self.model, self.optimizers.optimizers[0]),
-            "lr_schedule": self.lr_scheduler,
-            "progress": progress,
-            "rng": PerRankState("rng", RNGState(), self.rank, meshes.world_size),
-        }
-        if self.ema is not None:
-            states["ema"] = self.ema
-        if hasattr(data, "state_dict"):
-            states["dataloader"] = PerRankState("dataloader", data, meshes.dp_rank, meshes.dp_size)
+        states = self.checkpoint_states(progress, data)
         info = ckpt.resume(states)
         goodput.resumed(progress.step)
         logger.info("starting at step %d of %d (%s)", progress.step + 1, config.train.steps, getattr(info, "source", "fresh"))
@@ -220,6 +228,9 @@ class Trainer:
         finally:
             ckpt.close()
             goodput.finish()
+            if self.tensorboard is not None and progress.step > 0:
+                # The final figures include this attempt's last save (the preemption save too).
+                self.tensorboard.add_scalars(progress.step, goodput.scalars())
             self._stop_metrics()
             if hasattr(data, "close"):
                 data.close()
@@ -227,6 +238,32 @@ class Trainer:
         if exit_code == ExitCode.SUCCESS:
             self._write_summary(progress, summary, time.perf_counter() - wall_begin, goodput, ckpt)
         return exit_code
+
+    def checkpoint_states(self, progress, data=None) -> dict:
+        """Return the `Stateful` objects a checkpoint of this run holds, keyed by their top-level names.
+
+        Parameter-keyed states (model, optimizer, EMA) use names without
+        wrapper segments, so activation checkpointing or compile may differ
+        between the saving and the loading run.
+        """
+        from bagel.platform.checkpoint.states import ModelState, OptimizerState, PerRankState, RNGState
+
+        meshes = self.meshes
+        states = {
+            "model": ModelState(self.model),
+            # torchtitan's container contains one AdamW; DCP's optimizer state helpers need the torch optimizer.
+            "optimizer": OptimizerState(self.model, self.optimizers.optimizers[0]),
+            "lr_schedule": self.lr_scheduler,
+            "progress": progress,
+            "rng": PerRankState("rng", RNGState(), self.rank, meshes.world_size),
+            # Running loss means and skip counters: the same on every rank (losses are reduced first).
+            "spike": self.spike,
+        }
+        if self.ema is not None:
+            states["ema"] = self.ema
+        if hasattr(data, "state_dict"):
+            states["dataloader"] = PerRankState("dataloader", data, meshes.dp_rank, meshes.dp_size)
+        return states
 
     # -------------------------------------------------------------- metrics
 
@@ -283,7 +320,7 @@ class Trainer:
             "train/skipped_steps": float(self.spike.skipped_total),
         }
         if hasattr(data, "metrics"):
-            for key, value in data.metrics().items():
+            for key, value in gather_data_metrics(data.metrics(), self.meshes.dp_rank, world).items():
                 scalars[f"data/{key}"] = float(value)
         goodput = getattr(self, "_goodput", None)
         if goodput is not None:
@@ -308,10 +345,10 @@ class Trainer:
         import fsspec
 
         first, last = summary["first"] or {}, summary["last"] or {}
-        latest = ckpt.latest_complete() if hasattr(ckpt, "latest_complete") else None
-        goodput_value = None
-        if hasattr(goodput, "summary"):
-            goodput_value = goodput.summary().get("goodput")
+        latest = ckpt.latest_complete()
+        # Over all attempts of the stage: seconds lost to restarts, checkpoint
+        # stalls and work redone after preemption, and the productive fraction.
+        goodput_figures = goodput.summary()
         payload = {
             "stage": self.config.run.stage,
             "run": self.config.run.name,
@@ -324,7 +361,8 @@ class Trainer:
             "first_mse": first.get("mse"),
             "final_mse": last.get("mse"),
             "wall_time_s": wall_s,
-            "goodput": goodput_value,
+            "goodput": goodput_figures["goodput"],
+            "goodput_breakdown": goodput_figures,
             "checkpoint": getattr(latest, "uri", None),
         }
         uri = self.config.run.layout.summary_uri

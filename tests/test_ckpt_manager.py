@@ -267,3 +267,27 @@ def test_per_rank_state_refuses_unsupported_reshard():
     same.saved_size = 2
     same.load_state_dict(saved)
     assert same.inner.loaded == {"position": 3}
+
+
+def test_optional_state_absent_from_checkpoint(tmp_path, caplog):
+    """A state added after a checkpoint was written keeps its fresh value; any other missing state fails."""
+    root = f"file://{tmp_path}/store"
+    model, progress, states = make_states(0)
+    save_steps(make_manager(root, {}), [1], model, progress, states)
+
+    _, resumed_progress, resumed = make_states(1)
+    extra = TrainProgress(step=7)
+    resumed["added"] = extra
+    manager = CheckpointManager(
+        CheckpointConfig(interval_steps=1), StageLayout(root, "r1", "pretrain"), optional_keys=("added",)
+    )
+    with caplog.at_level(logging.WARNING):
+        info = manager.resume(resumed)
+    assert info.step == 1
+    assert resumed_progress.step == 1
+    assert extra.step == 7
+    assert "no state for added" in caplog.text
+
+    strict = CheckpointManager(CheckpointConfig(interval_steps=1), StageLayout(root, "r1", "pretrain"))
+    with pytest.raises(UsageError, match="no state for added"):
+        strict.resume(make_states(2)[2] | {"added": TrainProgress()})

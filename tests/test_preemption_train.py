@@ -3,7 +3,8 @@
 Three successive resumes in one run on the loopback SeaweedFS server: SIGTERM
 to rank 1 only, SIGKILL of both ranks, SIGTERM to both, then a run to the
 end. The final model, EMA and optimizer tensors and the final loss equal an
-uninterrupted run's bit for bit. The ranks are started directly with the
+uninterrupted run's bit for bit. The stage summary and the last attempt's
+TensorBoard events report the time lost over all four attempts. The ranks are started directly with the
 torchrun environment (no agent), so each rank's exit code is visible; the
 fault hooks are the BAGEL_FAULT_* variables of `bagel.platform.preemption`.
 The toy-loop tests cover the same on `file://`.

@@ -101,12 +101,16 @@ class CheckpointManager:
         *,
         init_from: str = "",
         init_keys: tuple[str, ...] = DEFAULT_INIT_KEYS,
+        optional_keys: tuple[str, ...] = (),
         goodput: GoodputTracker | None = None,
     ) -> None:
         self.config = config
         self.layout = layout
         self.init_from = init_from.rstrip("/")
         self.init_keys = init_keys
+        # States that a checkpoint written before they existed may lack: they keep their
+        # fresh values on resume (with a warning) instead of failing the load.
+        self.optional_keys = optional_keys
         self.goodput = goodput
         self.storage_options = dict(config.storage_options)
         self.root = layout.checkpoints_dir
@@ -341,6 +345,11 @@ class CheckpointManager:
         reader = WholeFileReader(entry.uri, cache=self._read_cache, **self.storage_options)
         keys = list(reader.read_metadata().state_dict_metadata)
         missing = [name for name in states if not any(key == name or key.startswith(name + ".") for key in keys)]
+        absent_optional = [name for name in missing if name in self.optional_keys]
+        if absent_optional:
+            logger.warning("checkpoint %s has no state for %s: it starts fresh", entry.uri, ", ".join(absent_optional))
+            states = {name: state for name, state in states.items() if name not in absent_optional}
+            missing = [name for name in missing if name not in absent_optional]
         if missing:
             raise UsageError(
                 f"checkpoint {entry.uri} has no state for {', '.join(missing)} "

@@ -12,8 +12,8 @@ is counted (the `retries` metric) and bounded by one budget.
 
 `ShardReader` streams one object with read-ahead: it fetches `read_ahead_bytes`
 per ranged request and keeps the next `read_ahead_blocks` blocks in flight on
-background threads while the caller parses the current one, so download and
-parsing overlap and a shard is never downloaded whole before use.
+background threads while the caller parses the current one. So download and
+parsing overlap, and a shard is never downloaded whole before use.
 """
 
 from __future__ import annotations
@@ -172,7 +172,9 @@ class ShardReader:
 
     _executor = None  # the prefetch threads of this process, created lazily (after any fork)
     _executor_pid = None
-    _POOL_THREADS = 4  # enough for a full queue of the current shard plus the next shard's first block
+    # Enough for a default queue (2 blocks) of the current shard plus the next
+    # shard's first block; the fetches of deeper queues wait for a free thread.
+    _POOL_THREADS = 4
 
     def __init__(
         self,

@@ -168,7 +168,10 @@ class Trainer:
             layout, rank=self.rank, storage_options=storage_options, heartbeat_seconds=config.metrics.goodput_heartbeat_s
         )
         self._goodput = goodput
-        ckpt = CheckpointManager(config.checkpoint, layout, init_from=config.run.init_from, goodput=goodput)
+        # Checkpoints written before the spike monitor was saved lack its state; it then restarts its warm-up.
+        ckpt = CheckpointManager(
+            config.checkpoint, layout, init_from=config.run.init_from, optional_keys=("spike",), goodput=goodput
+        )
 
         if data is None:
             from bagel.platform.data.loader import build_data_loader

@@ -197,6 +197,9 @@ def run_local(args: argparse.Namespace) -> int:
     from bagel.platform.layout import default_storage, validate_run_name
 
     workdir = Path(args.workdir).resolve()
+    if Path(args.configs).is_dir():
+        # The pipeline runs in the work directory, so a relative config directory must become absolute.
+        args.configs = str(Path(args.configs).resolve())
     args.storage = (args.storage or os.environ.get(DEFAULT_STORAGE_ENV) or default_storage(str(workdir))).rstrip("/")
     try:
         validate_run_name(args.run)

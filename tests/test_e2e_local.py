@@ -7,9 +7,9 @@ stages. The s3:// run uses SeaweedFS on 127.0.0.1, and the dashboard check
 uses TensorBoard and headless Chromium. Only the step count is shrunk, through
 `key=value` overrides, to fit CI's time budget.
 
-One file:// run (module fixture) is shared by the summary, reuse and
-TensorBoard tests; the s3:// run of the first two stages is preempted in
-pretrain and must end with the same weights as the uninterrupted file:// run.
+One file:// run (a module fixture) is shared by the summary, reuse and
+TensorBoard tests. The s3:// run trains the first two stages, is preempted in
+pretrain, and must end with the same weights as the uninterrupted file:// run.
 """
 
 import json
@@ -237,7 +237,8 @@ def test_tensorboard_every_stage_loss(file_run, tmp_path):
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--enable-unsafe-swiftshader", "--use-angle=swiftshader", f"--user-data-dir={tmp_path / 'chromium'}",
                 "--window-size=1400,900", "--virtual-time-budget=15000", f"--screenshot={screenshot}",
-                f"{url}/#scalars",
+                # The tag filter puts the loss charts at the top of the page.
+                f"{url}/#scalars&tagFilter=loss",
             ],
             check=True, capture_output=True, timeout=120,
         )

@@ -165,12 +165,11 @@ def promote_stage(
     if not pointer.get("uri") or not pointer.get("digest"):
         raise RuntimeError(f"promotion of stage {stage} returned no checkpoint: {completed.stdout!r}")
     print(f"stage {stage} promoted: {pointer['uri']} (digest {pointer['digest']})")
-    if not standin:
-        # The pointer next to the stage's summary.json lets `bagel run --local` report
-        # what each stage promoted; the pipeline itself passes it on as outputs.
-        from bagel.platform.checkpoint import storage as store
-        from bagel.platform.layout import StageLayout
+    # The pointer next to the stage's summary.json lets `bagel run --local` report
+    # what each stage promoted; the pipeline itself passes it on as outputs.
+    from bagel.platform.checkpoint import storage as store
+    from bagel.platform.layout import StageLayout
 
-        fs, path = store.open_fs(f"{StageLayout(storage, run_name, stage).stage_dir}/promoted.json")
-        store.write_json(fs, path, {"uri": pointer["uri"], "digest": pointer["digest"], "reused": training == "reused"})
+    fs, path = store.open_fs(f"{StageLayout(storage, run_name, stage).stage_dir}/promoted.json")
+    store.write_json(fs, path, {"uri": pointer["uri"], "digest": pointer["digest"], "reused": training == "reused"})
     return output(pointer["uri"], pointer["digest"])

@@ -114,7 +114,7 @@ def run_local_pipeline(settings: LocalRun, out=sys.stdout) -> int:
     reports = collect_reports(settings.storage, settings.run, settings.stages, outcomes)
     wall = time.monotonic() - started
     summary_path = workdir / f"{settings.run}-summary.json"
-    write_report(str(summary_path), settings.run, settings.storage, reports, wall)
+    write_report(str(summary_path), settings.run, settings.storage, reports, wall, pointer)
     out.write("\n" + render_table(reports) + "\n\n")
     if code != 0 or not pointer:
         out.write(f"error: the pipeline failed (exit code {code}); the full log is {log_path}\n")

@@ -92,9 +92,21 @@ def render_table(reports: list[StageReport]) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: str, run: str, storage: str, reports: list[StageReport], wall_time_s: float) -> None:
-    """Save the summary as JSON: {"run", "storage", "wall_time_s", "stages": [StageReport fields]}."""
-    payload = {"run": run, "storage": storage, "wall_time_s": wall_time_s, "stages": [asdict(r) for r in reports]}
+def write_report(
+    path: str, run: str, storage: str, reports: list[StageReport], wall_time_s: float, final_checkpoint: dict
+) -> None:
+    """Save the summary as JSON: {"run", "storage", "wall_time_s", "final_checkpoint", "stages": [StageReport fields]}.
+
+    `final_checkpoint` is the pipeline's output, {"uri", "digest"} of the last stage's promoted checkpoint
+    ({} when the pipeline failed).
+    """
+    payload = {
+        "run": run,
+        "storage": storage,
+        "wall_time_s": wall_time_s,
+        "final_checkpoint": final_checkpoint,
+        "stages": [asdict(r) for r in reports],
+    }
     with open(path, "w") as handle:
         json.dump(payload, handle, indent=2)
         handle.write("\n")

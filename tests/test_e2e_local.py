@@ -82,6 +82,8 @@ def test_run_trains_all_stages(file_run):
 
     summary = read_summary(workdir)
     assert summary["storage"] == storage
+    assert summary["final_checkpoint"]["uri"] == summary["stages"][-1]["promoted_uri"]
+    assert summary["final_checkpoint"]["digest"] == summary["stages"][-1]["promoted_digest"]
     assert [s["stage"] for s in summary["stages"]] == list(STAGES)
     for report in summary["stages"]:
         stage = report["stage"]

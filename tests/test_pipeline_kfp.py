@@ -222,15 +222,17 @@ def test_local_run_chains_and_resumes(tmp_path):
     env = {**os.environ, "BAGEL_LAUNCH_SCRIPT": str(train_script), "BAGEL_CLI_STANDIN": str(ckpt_script)}
     arguments = [
         "run", "--local", "--run", "local-e2e", "--storage", storage, "--configs", str(configs),
-        "--stages", "pretrain,sft", "--pipeline-root", str(tmp_path / "kfp"), "--nproc-per-node", "2",
+        "--stages", "pretrain,sft", "--workdir", str(tmp_path / "work"), "--nproc-per-node", "2",
         "--preempt", "pretrain:2",
     ]
     completed = bagel(*arguments, env=env, timeout=280)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
-    pointer = json.loads(completed.stdout.strip().splitlines()[-1])
+    summary = tmp_path / "work" / "local-e2e-summary.json"
+    pointer = json.loads(summary.read_text())["final_checkpoint"]
     assert pointer["uri"].startswith(f"{storage}/promoted/")
     assert len(pointer["digest"]) == 16
-    logs = completed.stdout + completed.stderr
+    # `bagel run --local` prints a condensed view; the processes' full output is in the log file.
+    logs = "".join(path.read_text() for path in (tmp_path / "work" / "logs").glob("*.log"))
     # pretrain was preempted at step 2 and resumed there; sft started from pretrain's promoted checkpoint.
     assert "stage pretrain starts at step 0" in logs
     assert "stage pretrain starts at step 2" in logs
@@ -244,5 +246,5 @@ def test_local_run_chains_and_resumes(tmp_path):
     (runs / "sft" / "step-rank0").unlink()
     again = bagel(*arguments[:-2], env=env, timeout=200)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(again.stdout.strip().splitlines()[-1]) == pointer
+    assert json.loads(summary.read_text())["final_checkpoint"] == pointer
     assert not (runs / "sft" / "step-rank0").exists()

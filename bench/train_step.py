@@ -1,4 +1,4 @@
-"""Benchmark the full train step (data, step, metrics) against a bare forward + backward + optimizer loop on the same packs.
+"""Benchmark the full train step (data, step, metrics) against bare forward + backward + optimizer on the same packs.
 
     python bench/train_step.py [--steps 10] [--warmup 3] [--num-workers N]
     torchrun --standalone --nproc-per-node 2 bench/train_step.py --layout dp_shard=2
@@ -30,7 +30,8 @@ other processes on a shared machine hits them alike:
 Before the steps, every pack goes once through the bare side, untimed, so
 DTensor's per-shape caches (tp and cp layouts) are warm for both sides. The
 figures are therefore those of a long run whose pack shapes have all been
-seen. A pack shape new to DTensor made a tp=2 step about 3x slower on CPU.
+seen. Without that pass, the side that ran first on a new pack shape was
+about 3x slower (tp=2, 2 gloo ranks on a shared 2-core CPU, this script).
 
 Both sides step the same model and optimizer. Rank 0 prints the global
 tokens/s of each side (the tokens of all data-parallel ranks per second of
@@ -39,6 +40,8 @@ steps, and the median over those steps of full time / bare time (goal:
 <= 1.05). On CUDA it also prints MFU (`bagel.model.flops`), e.g. of a
 7B-shaped stack with `--config bagel-7b-mot/pretrain --layers 2`. One launch
 measures one layout, so run one torchrun per layout.
+NOTE: only the CPU/gloo path has run (1 process, dp_shard=2, tp=2, cp=2). The
+CUDA path, including MFU and the 7B-shaped stack, has not run yet.
 """
 
 import argparse
@@ -96,12 +99,13 @@ def main() -> None:
     from bagel.platform.data.loader import build_data_loader
     from bagel.platform.train.trainer import Trainer, peak_flops_per_s
 
+    parallel = parse_layout(args.layout)
     tmp = tempfile.TemporaryDirectory(prefix="bagel-bench-train-")
     # Every rank writes its own copy because ranks may not share /tmp. The demo is deterministic and a few MB.
     write_demo(f"{tmp.name}/demo")
     os.environ["BAGEL_DATA_ROOT"] = f"file://{tmp.name}/demo"
     config = build_run_config(load_config_dict(args.config, args.overrides))
-    config.parallel = parse_layout(args.layout)
+    config.parallel = parallel
     config.run.storage = f"file://{tmp.name}/storage"
     # A far-off last step keeps a cosine schedule at its peak. The loop below stops on its own.
     config.train.steps = 10**6

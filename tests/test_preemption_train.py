@@ -104,6 +104,9 @@ def test_train_preemptions_bit_identical(tmp_path, s3_server):
     assert summary["steps"] == STEPS
     assert summary["tokens"] == expected_summary["tokens"]
     assert summary["last_loss"] == expected_summary["last_loss"], context
+    # The first loss is the stage's, carried through the checkpoints, not the
+    # first step of the last attempt.
+    assert summary["first_loss"] == expected_summary["first_loss"], context
     assert summary["final_ce"] == expected_summary["final_ce"]
     assert summary["final_mse"] == expected_summary["final_mse"]
     assert 0 < summary["goodput"] <= 1

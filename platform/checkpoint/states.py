@@ -84,6 +84,9 @@ class TrainProgress(Stateful):
 
     step: int = 0  # optimizer steps completed
     tokens_seen: int = 0  # tokens consumed over all ranks
+    # JSON of the stage's first logged step ({"step", "loss", "ce", "mse"}), so a
+    # resumed stage still reports its first loss, not the resumed attempt's.
+    first_step_json: str = ""
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +94,7 @@ class TrainProgress(Stateful):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.step = int(state_dict["step"])
         self.tokens_seen = int(state_dict["tokens_seen"])
+        self.first_step_json = str(state_dict.get("first_step_json", ""))
 
 
 class RNGState(Stateful):

@@ -186,7 +186,7 @@ class Trainer:
         self._start_metrics()
         iterator = iter(data)
         peak = peak_flops_per_s(self.device, config.metrics.peak_tflops)
-        summary = {"first": None, "last": None}
+        summary = {"first": json.loads(progress.first_step_json) if progress.first_step_json else None, "last": None}
         wall_begin = time.perf_counter()
         window = {"tokens": 0, "flops": 0.0, "time": 0.0, "data": 0.0, "steps": 0}
         exit_code = ExitCode.SUCCESS
@@ -207,7 +207,9 @@ class Trainer:
                 progress.step = step
                 progress.tokens_seen += result.tokens
                 record = {"step": step, "loss": result.total, "ce": result.ce, "mse": result.mse}
-                summary["first"] = summary["first"] or record
+                if summary["first"] is None:
+                    summary["first"] = record
+                    progress.first_step_json = json.dumps(record)
                 summary["last"] = record
 
                 window["tokens"] += result.tokens

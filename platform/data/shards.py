@@ -32,7 +32,8 @@ import logging
 import tarfile
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+from zlib import adler32
 
 from bagel.platform.data.config import RetryConfig
 from bagel.platform.exit_codes import UsageError
@@ -197,7 +198,7 @@ class RawRecord:
 
     key: str
     record: dict
-    images: dict[int, bytes]
+    images: dict[int, bytes | memoryview]  # encoded image by index; a view into the read block, not a copy
     bad_reason: str = ""  # set when the members could not be parsed (the record is then unusable)
 
 
@@ -208,50 +209,103 @@ def _octal(field: bytes) -> int:
     return int(field or b"0", 8)
 
 
+_END_OF_ARCHIVE = bytes(512)
+_FILE_KINDS = (b"0", b"\0", b"7")  # regular file types; others (directories, links) carry no sample data
+
+
+def _header_fields(header: bytes, offset: int) -> tuple[int, bytes]:
+    """(data size in bytes, type flag) of the 512-byte tar header at byte `offset`, its checksum verified.
+
+    The checksum is the sum of the header's bytes with its own field (148:156)
+    counted as 8 spaces. The sum is computed in C: the low 16 bits of an
+    Adler-32 are 1 + the byte sum modulo 65521, which is the exact sum for
+    pieces of at most 256 bytes (256 * 255 < 65521). A wrong checksum raises
+    tarfile.ReadError (a corrupt or truncated shard).
+    """
+    field = header[148:156]
+    try:
+        stored = int(field.rstrip(b"\0 ") or b"0", 8)
+    except ValueError:  # not plain octal: base-256 or garbage, as _octal reads it
+        stored = _octal(field)
+    view = memoryview(header)
+    computed = (adler32(view[0:148]) & 0xFFFF) + (adler32(view[156:356]) & 0xFFFF) + (adler32(view[356:512]) & 0xFFFF) + 253
+    if stored != computed:
+        raise tarfile.ReadError(f"bad tar header checksum at byte {offset}")
+    field = header[124:136]
+    try:
+        size = int(field.rstrip(b"\0 ") or b"0", 8)
+    except ValueError:  # GNU base-256 for large sizes
+        size = _octal(field)
+    return size, header[156:157]
+
+
+_NO_PREFIX = bytes(155)
+_decode_json = json.JSONDecoder().decode  # json.loads's decoder: no hooks, default options
+
+
+def _member_name(header: bytes) -> str:
+    """Decode the member name of a ustar (or v7) header, with its ustar prefix when present."""
+    name = header[0:100].rstrip(b"\0").decode("utf-8")
+    if header[345:500] != _NO_PREFIX and header[257:262] == b"ustar":  # an all-NUL prefix is no prefix
+        return header[345:500].rstrip(b"\0").decode("utf-8") + "/" + name
+    return name
+
+
+def _extended_name(kind: bytes, data: bytes, current: str) -> str:
+    """Return the next member's name from a GNU long-name ('L') or pax ('x') extension header, else `current`."""
+    if kind == b"L":
+        return data.rstrip(b"\0").decode("utf-8")
+    for line in data.decode("utf-8").splitlines():
+        _, _, record = line.partition(" ")
+        if record.startswith("path="):
+            current = record[5:]
+    return current
+
+
+def _reader_at(reader) -> Callable[[int, int], bytes]:
+    """A function (position, size) -> bytes over `reader`: ShardReader's `read_at`, or seek + read for other files."""
+    read_at = getattr(reader, "read_at", None)
+    if read_at is not None:
+        return read_at
+
+    def seek_read(position: int, size: int) -> bytes:
+        reader.seek(position)
+        return reader.read(size)
+
+    return seek_read
+
+
 def iter_members(reader) -> Iterator[tuple[str, int, int]]:
     """(name, size, data offset) of each regular file in a tar stream, reading headers only.
 
     Handles ustar, GNU long names ('L') and pax 'path' records. A header with a
     wrong checksum, or a stream that ends inside a header, raises
-    tarfile.ReadError (a truncated or corrupt shard).
+    tarfile.ReadError (a truncated or corrupt shard). `iter_shard` inlines
+    this loop (it runs once per member on the loader's main thread).
     """
+    read_at = _reader_at(reader)
     offset = 0
     long_name = ""
     while True:
-        reader.seek(offset)
-        header = reader.read(512)
-        if len(header) == 0:
-            return
+        header = read_at(offset, 512)
         if len(header) < 512:
+            if not header:
+                return
             raise tarfile.ReadError(f"unexpected end of data in a tar header at byte {offset}")
-        if header == b"\0" * 512:
-            return  # end-of-archive marker
-        stored = _octal(header[148:156])
-        if stored != sum(header) - sum(header[148:156]) + 8 * 32:
-            raise tarfile.ReadError(f"bad tar header checksum at byte {offset}")
-        size = _octal(header[124:136])
-        kind = header[156:157]
+        if header == _END_OF_ARCHIVE:
+            return
+        size, kind = _header_fields(header, offset)
         data_offset = offset + 512
         offset = data_offset + (size + 511) // 512 * 512
         if kind in (b"L", b"x"):
-            reader.seek(data_offset)
-            data = reader.read(size)
+            data = read_at(data_offset, size)
             if len(data) < size:
                 raise tarfile.ReadError(f"unexpected end of data in a tar extension header at byte {data_offset}")
-            if kind == b"L":
-                long_name = data.rstrip(b"\0").decode("utf-8")
-            else:
-                for line in data.decode("utf-8").splitlines():
-                    _, _, record = line.partition(" ")
-                    if record.startswith("path="):
-                        long_name = record[5:]
+            long_name = _extended_name(kind, data, long_name)
             continue
-        name = long_name or header[0:100].rstrip(b"\0").decode("utf-8")
-        prefix = header[345:500].rstrip(b"\0").decode("utf-8") if header[257:262] == b"ustar" else ""
-        if prefix and not long_name:
-            name = f"{prefix}/{name}"
+        name = long_name or _member_name(header)
         long_name = ""
-        if kind in (b"0", b"\0", b"7"):
+        if kind in _FILE_KINDS:
             yield name, size, data_offset
 
 
@@ -260,26 +314,66 @@ def iter_shard(reader: ShardReader, skip: int = 0) -> Iterator[RawRecord]:
 
     Skipped samples' data is seeked over, not read. A truncated shard raises
     tarfile.ReadError from the point where it breaks.
+
+    This loop runs once per tar member on the thread that also drives the
+    storage client, so it is `iter_members` inlined: per member one header
+    slice and one payload slice of the current read-ahead block (`read_at`),
+    one header check. Image payloads are memoryviews of that block, not
+    copies. Records in a shuffle window are read contiguously, so the blocks
+    their views keep alive span the window's bytes plus the partial blocks at
+    its two ends.
     """
+    read_at = _reader_at(reader)
+    view_at = getattr(reader, "view_at", read_at)
     current_key = None
     record_bytes: bytes | None = None
-    images: dict[int, bytes] = {}
+    images: dict[int, bytes | memoryview] = {}
     seen = 0
+    offset = 0
+    long_name = ""
 
     def finish() -> RawRecord:
         if record_bytes is None:
             return RawRecord(current_key, {}, images, "missing_field")
         try:
-            record = json.loads(record_bytes)
+            if record_bytes[:1] == b"{" and record_bytes[1:2] != b"\0":
+                # What json.loads does for these bytes (json.detect_encoding: UTF-8), minus its encoding detection.
+                record = _decode_json(record_bytes.decode("utf-8", "surrogatepass"))
+            else:
+                record = json.loads(record_bytes)
             if not isinstance(record, dict):
                 raise ValueError("record is not a JSON object")
         except ValueError:
             return RawRecord(current_key, {}, images, "bad_record")
         return RawRecord(current_key, record, images)
 
-    for name, size, data_offset in iter_members(reader):
-        base = name.rsplit("/", 1)[-1]
-        key, _, ext = base.partition(".")
+    while True:
+        header = read_at(offset, 512)
+        if len(header) < 512:
+            if not header:
+                break
+            raise tarfile.ReadError(f"unexpected end of data in a tar header at byte {offset}")
+        if header == _END_OF_ARCHIVE:
+            break
+        size, kind = _header_fields(header, offset)
+        data_offset = offset + 512
+        offset = data_offset + (size + 511) // 512 * 512
+        if kind not in _FILE_KINDS:
+            if kind in (b"L", b"x"):
+                data = read_at(data_offset, size)
+                if len(data) < size:
+                    raise tarfile.ReadError(f"unexpected end of data in a tar extension header at byte {data_offset}")
+                long_name = _extended_name(kind, data, long_name)
+            else:
+                long_name = ""
+            continue
+        if long_name:
+            name, long_name = long_name, ""
+        elif header[345:500] == _NO_PREFIX:  # the common case, inlined from _member_name
+            name = header[0:100].rstrip(b"\0").decode("utf-8")
+        else:
+            name = _member_name(header)
+        key, _, ext = name.rpartition("/")[2].partition(".")
         if key != current_key:
             if current_key is not None:
                 if seen >= skip:
@@ -288,15 +382,15 @@ def iter_shard(reader: ShardReader, skip: int = 0) -> Iterator[RawRecord]:
             current_key, record_bytes, images = key, None, {}
         if seen < skip:
             continue
-        reader.seek(data_offset)
-        data = reader.read(size)
-        if len(data) != size:
-            raise tarfile.ReadError(f"unexpected end of data in {name}")
         if ext == "json":
+            data = read_at(data_offset, size)
             record_bytes = data
         else:
+            data = view_at(data_offset, size)
             index, _, _ = ext.partition(".")
             if index.isdigit():
                 images[int(index)] = data
+        if len(data) != size:
+            raise tarfile.ReadError(f"unexpected end of data in {name}")
     if current_key is not None and seen >= skip:
         yield finish()

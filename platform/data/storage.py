@@ -195,7 +195,8 @@ class ShardReader:
         self._ahead: deque[tuple[int, Future]] = deque()  # (block start, fetch) in byte order, contiguous
 
     @classmethod
-    def _pool(cls) -> ThreadPoolExecutor:
+    def pool(cls) -> ThreadPoolExecutor:
+        """Return the prefetch threads of this process (shard opening uses them too)."""
         if cls._executor is None or cls._executor_pid != os.getpid():
             cls._executor = ThreadPoolExecutor(max_workers=cls._POOL_THREADS, thread_name_prefix="shard-prefetch")
             cls._executor_pid = os.getpid()
@@ -217,7 +218,7 @@ class ShardReader:
         """Queue fetches of the blocks from byte `start` on until `limit` are in flight."""
         following = self._ahead[-1][0] + self.block_size if self._ahead else start
         while len(self._ahead) < limit and following < self.size:
-            self._ahead.append((following, self._pool().submit(self._fetch, following)))
+            self._ahead.append((following, self.pool().submit(self._fetch, following)))
             following += self.block_size
 
     def prefetch(self, start: int) -> None:
@@ -256,6 +257,29 @@ class ShardReader:
             self._pos += len(chunk)
             n -= len(chunk)
         return b"".join(out)
+
+    def read_at(self, position: int, n: int) -> bytes:
+        """seek(position) then read(n) in one call; the tar parser's per-member read."""
+        offset = position - self._block_start
+        if 0 <= offset and offset + n <= len(self._block):  # inside the current block: one slice
+            self._pos = position + n
+            return self._block[offset : offset + n]
+        self._pos = max(0, position)
+        return self.read(n)
+
+    def view_at(self, position: int, n: int) -> memoryview | bytes:
+        """Like `read_at`, without a copy: a read-only memoryview of the current block when it holds the range.
+
+        The view keeps that block alive as long as it lives (blocks are never
+        modified, a new block is a new object). A range across blocks comes
+        back as bytes.
+        """
+        offset = position - self._block_start
+        if 0 <= offset and offset + n <= len(self._block):
+            self._pos = position + n
+            return memoryview(self._block)[offset : offset + n]
+        self._pos = max(0, position)
+        return self.read(n)
 
     def seek(self, offset: int, whence: int = 0) -> int:
         if whence == 1:

@@ -153,8 +153,10 @@ class DatasetStream:
     def _sequential(self, epoch: int, start: int) -> Iterator[Entry]:
         """Records of this unit's shards in reading order, from record `start` of the epoch.
 
-        The next shard is opened, and its first block requested, when the
-        current one starts, so shard boundaries do not stall the stream.
+        The next shard is opened on a prefetch thread when the current one
+        starts: its size is requested and then its first block. So shard
+        boundaries do not stall the stream, and the parsing thread waits for a
+        size request only at the first shard.
         """
         plan = []
         skip = start
@@ -165,10 +167,10 @@ class DatasetStream:
                 continue
             plan.append((shard, skip))
             skip = 0
-        upcoming = self._open(plan[0][0]) if plan else None
+        upcoming = ShardReader.pool().submit(self._open, plan[0][0]) if plan else None
         for index, (shard, skip) in enumerate(plan):
-            current = upcoming
-            upcoming = self._open(plan[index + 1][0]) if index + 1 < len(plan) else None
+            current = upcoming.result()  # _open catches storage errors and returns them
+            upcoming = ShardReader.pool().submit(self._open, plan[index + 1][0]) if index + 1 < len(plan) else None
             yield from self._read_shard(shard, skip, current)
 
     def _open(self, shard: int) -> ShardReader | Exception:

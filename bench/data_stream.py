@@ -15,7 +15,7 @@
    `tiny` training step (VAE encode + forward + backward) on the same packs.
    Goal: ratio >= 10.
 
-    python bench/data_stream.py [--megabytes 200] [--rounds 3] [--packs 40] [--read-ahead-blocks 2] [--endpoint URL]
+    python bench/data_stream.py [--megabytes 200] [--rounds 3] [--packs 40] [--read-ahead-blocks 2] [--endpoint URL] [--packing-only]
 """
 
 import argparse
@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating raw/pipeline streaming rounds")
     parser.add_argument("--workers", type=int, default=2, help="worker processes of the parallel streaming line (1 = skip)")
     parser.add_argument("--packs", type=int, default=40, help="packs timed in the packing measurement")
+    parser.add_argument("--packing-only", action="store_true", help="time only line 2 (packing against the tiny training step); starts no S3 server")
     parser.add_argument("--endpoint", default="", help="use this S3 endpoint (credentials testing/testing) instead of starting SeaweedFS")
     args = parser.parse_args()
     read_ahead = int(args.read_ahead_mb * 2**20)
@@ -178,6 +179,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         write_demo(f"{tmp}/demo")
+        if args.packing_only:
+            _packing_vs_step(f"{tmp}/demo", args.packs)
+            return
         records = _demo_records(f"{tmp}/demo")
         server_cm = contextlib.nullcontext(S3Server(args.endpoint)) if args.endpoint else seaweedfs_server()
         with server_cm as server:

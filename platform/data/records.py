@@ -32,6 +32,9 @@ plan under any parallel layout and after a resume.
 from __future__ import annotations
 
 import random
+
+import torch
+
 from bagel.model.inputs import ImageItem, ImageRole, InterleavedSample, Item, TextItem
 from bagel.platform.data.config import ImageTransformConfig
 from bagel.platform.data.tokenizer import Tokenizer
@@ -181,6 +184,9 @@ def build_sample(
         raise SampleError("missing_field", f"image members {missing} are missing from the shard")
     decoded = {i: decode_image(images[i]) for i in used}
     num_placed = sum(1 for entry in plan if entry[0] == "image")
+    # An image placed twice at the same size (e.g. as ViT and VAE input) is
+    # resized once; each item gets its own copy of the pixels.
+    resized: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}
     items: list[Item] = []
     for entry in plan:
         if entry[0] == "text":
@@ -195,7 +201,12 @@ def build_sample(
             _, index, role, cfg = entry
             image = decoded[index]
             size = target_size(image.width, image.height, transforms[role], limits[role], num_placed, shrink)
-            items.append(ImageItem(pixels=to_tensor(image, size), role=role, cfg_droppable=cfg))
+            key = (index, size)
+            if key in resized:
+                pixels = resized[key].clone()
+            else:
+                pixels = resized[key] = to_tensor(image, size)
+            items.append(ImageItem(pixels=pixels, role=role, cfg_droppable=cfg))
     if not items:
         raise SampleError("missing_field", "record yields no items")
     return InterleavedSample(sample_id=sample_id, items=items, dataset=dataset)

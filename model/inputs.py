@@ -21,7 +21,7 @@ import torch
 
 
 class ImageRole(str, enum.Enum):
-    """Which image representation an image item feeds."""
+    """Image representation that an image item feeds."""
 
     VIT = "vit"  # SigLIP patches for understanding; never carries a loss
     VAE_NOISED = "vae_noised"  # generation target: noised latents, MSE loss

@@ -45,7 +45,7 @@ FAULT_RANKS_ENV = "BAGEL_FAULT_RANKS"
 
 @dataclass
 class PreemptionConfig:
-    """How a SIGTERM is handled."""
+    """SIGTERM handling settings (the `preemption` section of a stage config)."""
 
     deadline_seconds: float = 25.0
     """Seconds from SIGTERM until the process exits even if its final save has not finished.

@@ -15,6 +15,7 @@ boto3, s3fs and TensorBoard) and `make_bucket(name)`.
 """
 
 import urllib.request
+import uuid
 
 import pytest
 
@@ -51,3 +52,19 @@ def moto_server():
         yield facts
     finally:
         server.stop()
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path, monkeypatch):
+    """Return (storage root URI, fsspec storage options) for a fresh, empty root on each store.
+
+    The S3 variant also exports the server's endpoint and credentials, so
+    `bagel` commands run in-process find them. Test files may override it.
+    """
+    if request.param == "file":
+        return f"file://{tmp_path}/store", {}
+    server = request.getfixturevalue("s3_server")
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
+    bucket = server.make_bucket("store-tests")
+    return f"{bucket}/{uuid.uuid4().hex[:8]}", server.storage_options

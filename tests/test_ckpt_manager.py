@@ -5,7 +5,6 @@ SeaweedFS server (`s3_server` fixture), through the same fsspec code path.
 """
 
 import logging
-import uuid
 
 import pytest
 import torch
@@ -19,18 +18,6 @@ from bagel.platform.checkpoint.manifest import MANIFEST_NAME, read_manifest
 from bagel.platform.checkpoint.states import ModelState, PerRankState, TrainProgress
 from bagel.platform.exit_codes import UsageError
 from bagel.platform.layout import StageLayout
-
-
-@pytest.fixture(params=["file", "s3"])
-def store(request, tmp_path, monkeypatch):
-    """Return (storage root URI, fsspec storage options) for a fresh, empty root."""
-    if request.param == "file":
-        return f"file://{tmp_path}/store", {}
-    server = request.getfixturevalue("s3_server")
-    for name, value in server.env.items():
-        monkeypatch.setenv(name, value)
-    bucket = server.make_bucket("ckpt-tests")
-    return f"{bucket}/{uuid.uuid4().hex[:8]}", server.storage_options
 
 
 def make_states(seed: int) -> tuple[nn.Module, TrainProgress, dict]:

@@ -9,7 +9,6 @@ import json
 import logging
 import subprocess
 import sys
-import uuid
 
 import pytest
 import torch
@@ -26,18 +25,6 @@ from bagel.platform.checkpoint.promote import PromotionError, find_promoted, pub
 from bagel.platform.checkpoint.states import ModelState, TrainProgress
 from bagel.platform.cli import main as bagel_main
 from bagel.platform.layout import StageLayout
-
-
-@pytest.fixture(params=["file", "s3"])
-def store(request, tmp_path, monkeypatch):
-    """Return (storage root URI, fsspec storage options); the S3 variant also exports the endpoint for the CLI."""
-    if request.param == "file":
-        return f"file://{tmp_path}/store", {}
-    server = request.getfixturevalue("s3_server")
-    for name, value in server.env.items():
-        monkeypatch.setenv(name, value)
-    bucket = server.make_bucket("promotion-tests")
-    return f"{bucket}/{uuid.uuid4().hex[:8]}", server.storage_options
 
 
 @pytest.fixture(scope="module")

@@ -50,8 +50,10 @@ def test_progress_view_condenses_the_log():
         "",
         "== sft: reusing file:///w/storage/promoted/6c5e (promoted earlier from the same config digest); not training ==",
     ]
-    assert view.stages["pretrain"].outcome == "trained" and view.stages["pretrain"].submissions == 2
-    assert view.stages["sft"].outcome == "reused" and view.stages["sft"].promoted_digest == "6c5e"
+    assert view.stages["pretrain"].outcome == "trained"
+    assert view.stages["pretrain"].submissions == 2
+    assert view.stages["sft"].outcome == "reused"
+    assert view.stages["sft"].promoted_digest == "6c5e"
     assert view.errors == []
 
 

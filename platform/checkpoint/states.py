@@ -80,7 +80,7 @@ class OptimizerState(Stateful):
 
 @dataclass
 class TrainProgress(Stateful):
-    """Counters that every rank holds identically."""
+    """Training counters, identical on every rank."""
 
     step: int = 0  # optimizer steps completed
     tokens_seen: int = 0  # tokens consumed over all ranks
@@ -118,7 +118,7 @@ class RNGState(Stateful):
 
 
 class ReshardableState(Protocol):
-    """What a per-rank state implements to resume under a different number of ranks."""
+    """Interface of a per-rank state that can resume under a different number of ranks."""
 
     def load_resharded_state_dicts(self, state_dicts: list[dict[str, Any]], rank: int) -> None:
         """Restore this rank from all the saved ranks' states (index = saved rank)."""

@@ -117,7 +117,39 @@ def _raw_rate(manifest, options: dict, block: int) -> float:
     return manifest.num_bytes / 2**20 / (time.perf_counter() - start)
 
 
-def _packing_vs_step(demo_root: str, packs: int) -> None:
+def _pack_rate(demo_root: str, packs: int, workers: int) -> tuple[float, list]:
+    """(tokens/s, packs) of the loader over the demo data, after one warm-up pack.
+
+    workers = 0: one unit in this process, as a DataLoader worker runs it (one
+    torch thread); workers > 0: the configured loader with that many worker
+    processes, packs crossing the process boundary as in training.
+    """
+    import torch
+
+    config = DataConfig.from_dict({
+        "num_workers": workers, "datasets": [
+            {"name": task, "uri": f"{demo_root}/{task}", "weight": 1.0} for task in ("t2i", "vlm", "edit")
+        ],
+    })
+    threads = torch.get_num_threads()
+    if workers == 0:
+        torch.set_num_threads(1)  # what torch sets in every DataLoader worker
+    try:
+        loader = build_data_loader(config, get_model_config("tiny"), 0, 1)
+        for _ in range(max(1, workers)):
+            next(loader)  # warm-up: worker start, tokenizer, first shard open
+        produced, start = [], time.perf_counter()
+        for _ in range(packs):
+            produced.append(next(loader))
+        rate = sum(p.length for p in produced) / (time.perf_counter() - start)
+        loader.close()
+    finally:
+        torch.set_num_threads(threads)
+    return rate, produced
+
+
+def _step_rate(produced: list, threads: int) -> float:
+    """Median tokens/s of a `tiny` training step (VAE encode + forward + backward) over up to 8 of the packs."""
     import torch
 
     from bagel.model.bagel import build_model
@@ -125,18 +157,8 @@ def _packing_vs_step(demo_root: str, packs: int) -> None:
     from bagel.model.vae import FrozenVAE
 
     model_config = get_model_config("tiny")
-    config = DataConfig.from_dict({
-        "num_workers": 0, "datasets": [
-            {"name": task, "uri": f"{demo_root}/{task}", "weight": 1.0} for task in ("t2i", "vlm", "edit")
-        ],
-    })
-    loader = build_data_loader(config, model_config, 0, 1)
-    next(loader)  # warm-up: tokenizer, first shard open
-    produced, start = [], time.perf_counter()
-    for _ in range(packs):
-        produced.append(next(loader))
-    pack_rate = sum(p.length for p in produced) / (time.perf_counter() - start)
-
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     vae = FrozenVAE(model_config)
     model = build_model(model_config, seed=0)
@@ -147,16 +169,34 @@ def _packing_vs_step(demo_root: str, packs: int) -> None:
         normalize(sums, sums.ce_tokens, sums.mse_tokens, model_config.ce_weight, model_config.mse_weight).total.backward()
         model.zero_grad(set_to_none=True)
 
-    step(produced[0])
-    rates = []
-    for packed in produced[1 : 1 + min(8, len(produced) - 1)]:
-        start = time.perf_counter()
-        step(packed)
-        rates.append(packed.length / (time.perf_counter() - start))
-    step_rate = statistics.median(rates)
-    print(f"packing (decode + layout + pack), 1 unit: {pack_rate:10.0f} tokens/s over {packs} packs")
-    print(f"tiny training step (VAE + fwd + bwd):     {step_rate:10.0f} tokens/s")
-    print(f"ratio packing/step: {pack_rate / step_rate:.1f} (goal >= 10)")
+    try:
+        step(produced[0])
+        rates = []
+        for packed in produced[1 : 1 + min(8, len(produced) - 1)]:
+            start = time.perf_counter()
+            step(packed)
+            rates.append(packed.length / (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(default_threads)
+    return statistics.median(rates)
+
+
+def _packing_vs_step(demo_root: str, packs: int, workers: int) -> None:
+    """Print packing tokens/s against the tiny step's tokens/s, per core and for the whole loader."""
+    import torch
+
+    cores = torch.get_num_threads()
+    unit_rate, produced = _pack_rate(demo_root, packs, workers=0)
+    step_one = _step_rate(produced, threads=1)
+    print(f"packing, 1 unit on 1 thread (decode + resize + layout + pack): {unit_rate:10.0f} tokens/s over {packs} packs")
+    print(f"tiny training step on 1 thread (VAE + fwd + bwd):            {step_one:10.0f} tokens/s")
+    print(f"ratio packing/step per core: {unit_rate / step_one:.1f} (goal >= 10)")
+    if workers > 0:
+        loader_rate, _ = _pack_rate(demo_root, packs, workers=workers)
+        step_all = _step_rate(produced, threads=cores)
+        print(f"loader with data.num_workers={workers}:                            {loader_rate:10.0f} tokens/s over {packs} packs")
+        print(f"tiny training step on {cores} threads:                            {step_all:10.0f} tokens/s")
+        print(f"ratio loader/step on this machine: {loader_rate / step_all:.1f} (goal >= 10)")
 
 
 def main() -> None:
@@ -171,6 +211,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating raw/pipeline streaming rounds")
     parser.add_argument("--workers", type=int, default=2, help="worker processes of the parallel streaming line (1 = skip)")
     parser.add_argument("--packs", type=int, default=40, help="packs timed in the packing measurement")
+    parser.add_argument("--loader-workers", type=int, default=DataConfig.num_workers,
+                        help="DataLoader workers of the whole-loader packing line (0 = skip it)")
     parser.add_argument("--packing-only", action="store_true", help="time only line 2 (packing against the tiny training step); starts no S3 server")
     parser.add_argument("--endpoint", default="", help="use this S3 endpoint (credentials testing/testing) instead of starting SeaweedFS")
     args = parser.parse_args()
@@ -180,7 +222,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_demo(f"{tmp}/demo")
         if args.packing_only:
-            _packing_vs_step(f"{tmp}/demo", args.packs)
+            _packing_vs_step(f"{tmp}/demo", args.packs, args.loader_workers)
             return
         records = _demo_records(f"{tmp}/demo")
         server_cm = contextlib.nullcontext(S3Server(args.endpoint)) if args.endpoint else seaweedfs_server()
@@ -210,7 +252,7 @@ def main() -> None:
                 parallel = _parallel_stream_rate(manifest, options, read_ahead, args.read_ahead_blocks, args.workers)
                 print(f"pipeline streaming read, {args.workers} worker processes: {parallel:7.1f} MB/s | "
                       f"raw sequential {raw:7.1f} MB/s | ratio {parallel / raw:.2f}")
-        _packing_vs_step(f"{tmp}/demo", args.packs)
+        _packing_vs_step(f"{tmp}/demo", args.packs, args.loader_workers)
 
 
 if __name__ == "__main__":

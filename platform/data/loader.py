@@ -42,6 +42,7 @@ from bagel.platform.data.storage import FilesystemCache, RetryStats
 from bagel.platform.data.stream import DatasetStream, WarningLimiter, shard_shortage_message
 from bagel.platform.data.tokenizer import load_tokenizer
 from bagel.platform.data.transforms import model_limits
+from bagel.platform.data.transport import FlatPack, flatten_pack, unflatten_pack
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,8 @@ class _UnitsDataset(IterableDataset):
             packed = packer.next_pack()
             state = packer.state_dict()
             state["retries"] = retries_before + retry_stats.retries
-            yield logical, packed, state
+            # In a worker process the pack crosses to the trainer as one buffer (see `transport`).
+            yield logical, packed if info is None else flatten_pack(packed), state
 
 
 class PackedDataLoader:
@@ -152,6 +154,8 @@ class PackedDataLoader:
         if self._iterator is None:
             self._start()
         logical, packed, state = next(self._iterator)
+        if isinstance(packed, FlatPack):
+            packed = unflatten_pack(packed)
         expected = self._consumed % self.num_workers
         if logical != expected:  # the round-robin is what makes resume exact; never continue past a break in it
             raise RuntimeError(f"data worker order broke: got a pack of worker {logical}, expected {expected}")

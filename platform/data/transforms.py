@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from bagel.model.inputs import ImageRole
 from bagel.platform.data.config import ImageTransformConfig
@@ -46,7 +47,6 @@ def model_limits(model_config) -> dict[ImageRole, RoleLimits]:
 
 def decode_image(data: bytes):
     """Decode encoded image bytes to an RGB PIL image; raises SampleError on bad or empty images."""
-    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise SampleError("zero_size_image", "empty image bytes")
@@ -95,11 +95,26 @@ _NORMALISED = np.arange(256, dtype=np.float32) / 127.5 - 1.0
 
 
 def to_tensor(image, size: tuple[int, int]) -> torch.Tensor:
-    """Resize (bicubic, antialiased) and normalise: float [3, H, W] in [-1, 1]."""
-    from PIL import Image
+    """Resize (bicubic, antialiased) and normalise: float [3, H, W] in [-1, 1].
 
-    if image.size != size:
+    A downscale runs torch's uint8 antialiased bicubic kernel, the filter of
+    PIL's `Image.resize(BICUBIC)` (a = -0.5, support widened by the downscale
+    factor), about 3.5x faster than PIL on one thread. The two round a few
+    values differently: at most 1 of 255 levels, in under 0.5% of them
+    (tests/test_data_transforms.py checks that bound). Upscaling differs more
+    between the two (up to 8 levels), and it is rare and cheap, so any size
+    that grows along either axis goes through PIL itself.
+    """
+    width, height = size
+    if image.size != size and (width > image.width or height > image.height):
         image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
-    # Transpose the uint8 pixels (a quarter of the bytes of float32) and map each
-    # byte through the table; the output is contiguous [3, H, W] float32.
-    return torch.from_numpy(np.take(_NORMALISED, np.asarray(image).transpose(2, 0, 1)))
+
+    # [H, W, 3] uint8 viewed as [1, 3, H, W] channels-last, the layout of the vectorised kernel.
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
+    if image.size != size:
+        pixels = torch.nn.functional.interpolate(pixels, size=(height, width), mode="bicubic", antialias=True)
+
+    # Map each byte through the table, because uint8 is a quarter of the bytes
+    # of float32 and a lookup is cheaper than a float conversion. The output is
+    # contiguous [3, H, W] float32.
+    return torch.from_numpy(np.take(_NORMALISED, pixels[0].numpy()))

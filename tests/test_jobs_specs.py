@@ -12,7 +12,7 @@ from bagel.platform.jobs.build import plan_stage, split_overrides
 from bagel.platform.jobs.config import job_config_from_dict
 from bagel.platform.jobs.pod import StageRun, job_name
 from bagel.platform.jobs.pytorchjob import build_pytorchjob
-from bagel.platform.jobs.trainjob import USER_ERROR_MESSAGE, build_cluster_training_runtime, build_trainjob
+from bagel.platform.jobs.trainjob import DIVERGED_MESSAGE, USER_ERROR_MESSAGE, build_cluster_training_runtime, build_trainjob
 from bagel.platform.jobs.validate import ValidationError, validate_object
 
 STAGE_RUN = StageRun("tiny/pretrain", "run-a", "pretrain", "s3://bucket/bagel", init_from="s3://bucket/bagel/promoted/abc")
@@ -123,14 +123,19 @@ def test_runtime_restart_rules():
     assert jobset["failurePolicy"]["maxRestarts"] == 2
     assert rules["user-error"]["action"] == "FailJobSet"
     assert rules["preempted"]["action"] == "RestartJobSetAndIgnoreMaxRestarts"
-    assert [r["name"] for r in jobset["failurePolicy"]["rules"]] == ["user-error", "preempted", "failed"]
+    assert rules["diverged"]["action"] == "FailJobSet"
+    assert [r["name"] for r in jobset["failurePolicy"]["rules"]] == ["user-error", "diverged", "preempted", "failed"]
     child = jobset["replicatedJobs"][0]["template"]["spec"]
     pod_rules = child["podFailurePolicy"]["rules"]
-    # The user-error JobSet rule matches the message of podFailurePolicy rule 0.
+    # The user-error and diverged JobSet rules match the messages of podFailurePolicy rules 0 and 1.
     assert pod_rules[0]["onExitCodes"]["values"] == [int(ExitCode.USAGE_ERROR)]
-    assert "rule at index 0" in USER_ERROR_MESSAGE
-    assert pod_rules[1]["onExitCodes"]["values"] == [int(ExitCode.PREEMPTED)]
-    assert pod_rules[2]["onPodConditions"][0]["type"] == "DisruptionTarget"
+    assert "exit code 2 matching FailJob rule at index 0" in USER_ERROR_MESSAGE
+    assert rules["user-error"]["onJobFailureMessagePatterns"] == [USER_ERROR_MESSAGE]
+    assert pod_rules[1]["onExitCodes"]["values"] == [int(ExitCode.DIVERGED)]
+    assert "exit code 3 matching FailJob rule at index 1" in DIVERGED_MESSAGE
+    assert rules["diverged"]["onJobFailureMessagePatterns"] == [DIVERGED_MESSAGE]
+    assert pod_rules[2]["onExitCodes"]["values"] == [int(ExitCode.PREEMPTED)]
+    assert pod_rules[3]["onPodConditions"][0]["type"] == "DisruptionTarget"
     assert child["backoffLimit"] == 0
     pod_spec = child["template"]["spec"]
     assert pod_spec["restartPolicy"] == "Never"

@@ -183,6 +183,9 @@ def test_cli_invalid_job_section(stage):
     [
         (1, [75, 0], 75),
         (1, [2, 75], 2),
+        (1, [3, 3], 3),
+        (1, [3, 75], 3),
+        (1, [2, 3], 2),
         (0, [0, 0], 0),
         (1, [1, 0], 1),
         (0, [], 0),
@@ -198,6 +201,7 @@ def test_combine_exit_codes(torchrun_code, rank_codes, expected):
         (0, Outcome.SUCCEEDED, "Succeeded"),
         (75, Outcome.PREEMPTED, "CheckpointedOnSignal"),
         (2, Outcome.FAILED, "UserError"),
+        (3, Outcome.FAILED, "Diverged"),
         (137, Outcome.FAILED, "Killed"),
         (1, Outcome.FAILED, "Failed"),
     ],

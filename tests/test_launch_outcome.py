@@ -76,6 +76,23 @@ def test_user_error_from_jobset_message():
     assert not result.retryable
 
 
+def test_diverged_from_exit_code_and_jobset_message():
+    """Exit code 3 (the spike policy stopped training) fails for good, from the pod or from the JobSet rule's message."""
+    from_pod = classify_finished(FAILED_JOB, [pod(exit_code=3), pod(name="p-1", exit_code=3)], [])
+    failed = {
+        "type": "Failed",
+        "status": "True",
+        "reason": "FailedJobs",
+        "message": "Container node for pod ns/x failed with exit code 3 matching FailJob rule at index 1",
+    }
+    from_message = classify_finished({"status": {"conditions": [failed]}}, [], [])
+    for result in (from_pod, from_message):
+        assert result.outcome is Outcome.FAILED
+        assert result.reason == "Diverged"
+        assert result.process_exit_code() == ExitCode.DIVERGED
+        assert not result.retryable
+
+
 def test_nccl_timeout_from_log_tail():
     tail = ["step 10", "[Rank 3] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, OpType=ALLREDUCE) ran for 600000 ms"]
     result = classify_finished(FAILED_JOB, [pod(exit_code=1)], tail)

@@ -77,6 +77,19 @@ def test_invalid_config_exits_2(tmp_path: Path) -> None:
     assert "optim.lr=-1" in result.stderr
 
 
+def test_divergence_exits_3(demo: Path, tmp_path: Path) -> None:
+    """A learning rate of 1e8 makes the second loss NaN; under the stop policy the run exits 3 (never retried)."""
+    result = train(
+        ["--config", "tiny/pretrain", "train.steps=6", "optim.lr=1e8", "schedule.warmup_steps=0",
+         "train.spike.policy=stop", "checkpoint.enable=false"],
+        demo, tmp_path, 1,
+    )
+    assert result.returncode == 3, result.stderr[-4000:]
+    assert "training diverged" in result.stderr
+    assert "step 2: total=nan is not finite" in result.stderr
+    assert not (tmp_path / "runs" / "dev" / "pretrain" / "summary.json").exists()
+
+
 def bad_data_config(tmp_path: Path) -> Path:
     """Return a tiny pretrain config whose only dataset has 4 bad samples in 24 (17%)."""
     faults = {1: "corrupt_image", 4: "zero_size_image", 7: "missing_field", 10: "too_long"}

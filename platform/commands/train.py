@@ -51,12 +51,12 @@ def run_train(args: argparse.Namespace) -> int:
         logger.error("%s", error)
         return ExitCode.USAGE_ERROR
     except Exception as error:
-        from bagel.platform.train.trainer import LossSpikeStop
+        from bagel.platform.train.spike import TrainingDiverged
 
-        if not isinstance(error, LossSpikeStop):
+        if not isinstance(error, TrainingDiverged):
             raise
-        logger.error("training stopped: %s", error)
-        return ExitCode.FAILURE
+        logger.error("training diverged, not retried: %s", error)
+        return ExitCode.DIVERGED
     finally:
         import torch.distributed as dist
 

@@ -6,7 +6,7 @@ is what a node loss or an eviction without a checkpoint produces) and fail the
 job on 1-127. The trainer's preempted exit code 75 is below 128, so a
 preemption with a saved checkpoint fails the job. `bagel launch` then
 resubmits it under the same run, where training resumes from the checkpoint.
-A user error (2) fails it for good. `runPolicy.backoffLimit` does not bound
+A user error (2) or a divergence (3) fails it for good. `runPolicy.backoffLimit` does not bound
 ExitCode recreations (the operator counts container restarts, which stay 0),
 so the launcher's submission budget is the real bound.
 """

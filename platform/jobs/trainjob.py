@@ -5,11 +5,13 @@ restart fields:
 
 * the `node` Job has `backoffLimit: 0` and a podFailurePolicy that fails it at
   once, with reason PodFailurePolicy, on the trainer's user-error exit code (2),
-  on its preempted exit code (75) and on the DisruptionTarget pod condition
-  (scheduler preemption, eviction, node drain or shutdown);
-* the JobSet failurePolicy then fails the whole JobSet on a user error, restarts
-  it without spending `maxRestarts` on preemption, and restarts it within
-  `maxRestarts` on any other failure (a crash, an OOM kill, an NCCL timeout).
+  its diverged exit code (3), its preempted exit code (75) and on the
+  DisruptionTarget pod condition (scheduler preemption, eviction, node drain or
+  shutdown);
+* the JobSet failurePolicy then fails the whole JobSet on a user error or a
+  divergence, restarts it without spending `maxRestarts` on preemption, and
+  restarts it within `maxRestarts` on any other failure (a crash, an OOM kill,
+  an NCCL timeout).
 
 All pods of the gang restart together (torchrun's static rendezvous cannot
 replace one rank), and `BlockingRecreate` waits until the old pods are gone
@@ -31,15 +33,20 @@ REPLICATED_JOB = "node"
 # Job condition message of a podFailurePolicy FailJob match (kube-controller-manager's
 # pod failure policy code): "Container node for pod NS/POD failed with exit code 2 matching FailJob rule at index 0".
 USER_ERROR_MESSAGE = f"failed with exit code {int(ExitCode.USAGE_ERROR)} matching FailJob rule at index 0"
+DIVERGED_MESSAGE = f"failed with exit code {int(ExitCode.DIVERGED)} matching FailJob rule at index 1"
 
 
 def pod_failure_policy() -> dict[str, Any]:
-    """Return the child Job's podFailurePolicy (rule 0 must stay the user-error rule, see USER_ERROR_MESSAGE)."""
+    """Return the child Job's podFailurePolicy (rules 0 and 1 must keep their places, see USER_ERROR_MESSAGE)."""
     return {
         "rules": [
             {
                 "action": "FailJob",
                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [int(ExitCode.USAGE_ERROR)]},
+            },
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [int(ExitCode.DIVERGED)]},
             },
             {
                 "action": "FailJob",
@@ -61,6 +68,12 @@ def failure_policy(job: JobConfig) -> dict[str, Any]:
                 "action": "FailJobSet",
                 "onJobFailureReasons": ["PodFailurePolicy"],
                 "onJobFailureMessagePatterns": [USER_ERROR_MESSAGE],
+            },
+            {
+                "name": "diverged",
+                "action": "FailJobSet",
+                "onJobFailureReasons": ["PodFailurePolicy"],
+                "onJobFailureMessagePatterns": [DIVERGED_MESSAGE],
             },
             {
                 "name": "preempted",

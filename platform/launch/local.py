@@ -24,7 +24,7 @@ from bagel.platform.exit_codes import ExitCode
 from bagel.platform.jobs.build import StagePlan
 from bagel.platform.jobs.pod import train_args
 from bagel.platform.launch.cluster import backoff_delay
-from bagel.platform.launch.outcome import NCCL_TIMEOUT, LaunchResult, Outcome, strip_torchrun_report
+from bagel.platform.launch.outcome import DIVERGED_MESSAGE, NCCL_TIMEOUT, LaunchResult, Outcome, strip_torchrun_report
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ def classify_exit(code: int, tail: list[str]) -> LaunchResult:
         return LaunchResult(Outcome.PREEMPTED, "CheckpointedOnSignal", "the trainer saved and stopped", exit_code=code, log_tail=tail)
     if code == ExitCode.USAGE_ERROR:
         return LaunchResult(Outcome.FAILED, "UserError", "invalid config or data, not retried", exit_code=code, log_tail=tail)
+    if code == ExitCode.DIVERGED:
+        return LaunchResult(Outcome.FAILED, "Diverged", DIVERGED_MESSAGE, exit_code=code, log_tail=tail)
     timeouts = [line for line in tail if NCCL_TIMEOUT.search(line)]
     if timeouts:
         return LaunchResult(Outcome.FAILED, "NCCLTimeout", timeouts[-1].strip(), exit_code=code, log_tail=tail)

@@ -6,7 +6,9 @@ starts `torchrun [TORCHRUN OPTIONS] -m bagel.platform.launch.rank ARGS...`
 (each worker runs `bagel ARGS...`) and exits with:
 
 * 2 (USAGE_ERROR) if any worker exited with 2, since a bad config fails every rank alike;
-* 75 (PREEMPTED) if any worker exited with 75 and none with 2;
+* 3 (DIVERGED) if any worker exited with 3 and none with 2 (the spike policy
+  decides on losses reduced over all ranks, so every rank stops alike);
+* 75 (PREEMPTED) if any worker exited with 75 and none with 2 or 3;
 * otherwise torchrun's own exit code.
 
 On SIGTERM (the kubelet stopping the pod, or `bagel launch` stopping a local
@@ -57,6 +59,8 @@ def combine_exit_codes(torchrun_code: int, rank_codes: list[int]) -> int:
     """Return the node's exit code from torchrun's and the workers' codes (rules in the module docstring)."""
     if ExitCode.USAGE_ERROR in rank_codes:
         return ExitCode.USAGE_ERROR
+    if ExitCode.DIVERGED in rank_codes:
+        return ExitCode.DIVERGED
     if ExitCode.PREEMPTED in rank_codes:
         return ExitCode.PREEMPTED
     if torchrun_code == 0 and any(rank_codes):

@@ -7,6 +7,7 @@ Rules, in order (the first match wins):
    node shutdown, taint or pod GC), pod reason Evicted/NodeLost/Terminated,
    or a container exit code 75 (the trainer saved and stopped on SIGTERM) -> preempted
 3. a container exit code 2, or the JobSet user-error rule               -> failed (user error, never retried)
+   a container exit code 3, or the JobSet diverged rule                 -> failed (diverged, never retried)
 4. OOMKilled, or an NCCL timeout in the log tail                        -> failed with that reason
 5. a job condition Failed=True otherwise                                -> failed with its reason and message
 
@@ -27,7 +28,13 @@ from bagel.platform.exit_codes import ExitCode
 
 NCCL_TIMEOUT = re.compile(r"(NCCL|ProcessGroupNCCL|Watchdog).*(timeout|timed out)", re.IGNORECASE)
 _PREEMPTED_POD_REASONS = {"Evicted", "NodeLost", "Terminated", "Preempting", "NodeShutdown"}
-_USER_ERROR = re.compile(r"exit code 2 matching FailJob rule at index 0")
+DIVERGED_MESSAGE = "the loss-spike policy stopped training (see the log for the step and loss term), not retried"
+# (exit code, JobSet failure message pattern, reason, message), checked in this order.
+_FINAL_FAILURES = (
+    (ExitCode.USAGE_ERROR, re.compile(r"exit code 2 matching FailJob rule at index 0"), "UserError",
+     "invalid config or data, not retried"),
+    (ExitCode.DIVERGED, re.compile(r"exit code 3 matching FailJob rule at index 1"), "Diverged", DIVERGED_MESSAGE),
+)
 
 
 class Outcome(enum.Enum):
@@ -43,7 +50,7 @@ class LaunchResult:
 
     outcome: Outcome
     reason: str
-    """A short CamelCase reason (UserError, OOMKilled, NCCLTimeout, PreemptionByScheduler, Unschedulable, ...)."""
+    """A short CamelCase reason (UserError, Diverged, OOMKilled, NCCLTimeout, PreemptionByScheduler, Unschedulable, ...)."""
     message: str = ""
     exit_code: int | None = None
     """Exit code of the training container (rank 0 first) when one was seen."""
@@ -60,6 +67,8 @@ class LaunchResult:
             return ExitCode.SUCCESS
         if self.reason == "UserError":
             return ExitCode.USAGE_ERROR
+        if self.reason == "Diverged":
+            return ExitCode.DIVERGED
         if self.retryable:
             return ExitCode.PREEMPTED
         return ExitCode.FAILURE
@@ -130,14 +139,16 @@ def classify_finished(job: dict[str, Any], pods: list[dict[str, Any]], log_tail:
             )
 
     failed = condition(job, "Failed") or {}
-    for pod, state in exit_codes:
-        if state.get("exitCode") == ExitCode.USAGE_ERROR:
-            return LaunchResult(
-                Outcome.FAILED, "UserError", f"pod {pod['metadata']['name']}: invalid config or data, not retried",
-                exit_code=ExitCode.USAGE_ERROR, log_tail=log_tail,
-            )
-    if _USER_ERROR.search(failed.get("message") or ""):
-        return LaunchResult(Outcome.FAILED, "UserError", failed.get("message", ""), exit_code=ExitCode.USAGE_ERROR, log_tail=log_tail)
+    # Failures that a retry would repeat: from a pod's exit code, or from the
+    # JobSet rule's message once the pods are gone.
+    for code, pattern, reason, message in _FINAL_FAILURES:
+        for pod, state in exit_codes:
+            if state.get("exitCode") == code:
+                return LaunchResult(
+                    Outcome.FAILED, reason, f"pod {pod['metadata']['name']}: {message}", exit_code=code, log_tail=log_tail,
+                )
+        if pattern.search(failed.get("message") or ""):
+            return LaunchResult(Outcome.FAILED, reason, failed.get("message", ""), exit_code=code, log_tail=log_tail)
     for pod, state in exit_codes:
         if state.get("reason") == "OOMKilled":
             return LaunchResult(

@@ -1,7 +1,7 @@
 """One torchrun worker: run a `bagel` command and record its exit code for `bagel.platform.launch.node`.
 
 torchrun exits with 1 whenever a worker fails, whatever the worker's exit
-code, so the trainer's PREEMPTED (75) and USAGE_ERROR (2) would be lost. Each
+code, so the trainer's PREEMPTED (75), USAGE_ERROR (2) and DIVERGED (3) would be lost. Each
 worker therefore writes its exit code to `$BAGEL_EXIT_CODE_DIR/rank-$RANK`,
 and the node entry point exits with the codes that matter.
 

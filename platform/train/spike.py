@@ -19,8 +19,8 @@ class SpikeDecision:
     reason: str = ""  # e.g. "mse=nan is not finite", empty when ok
 
 
-class LossSpikeError(RuntimeError):
-    """The loss was not finite or spiked and the policy is "stop" (or too many steps were skipped)."""
+class TrainingDiverged(RuntimeError):
+    """Exception raised when the spike policy stops the run; `bagel train` exits with ExitCode.DIVERGED."""
 
 
 class SpikeMonitor:

@@ -3,7 +3,8 @@
 One code path for a plain process, torchrun on CPU/gloo and torchrun on
 CUDA/NCCL. Exit codes: 0 after the last step (summary.json written), 75
 (`ExitCode.PREEMPTED`) after SIGTERM and a final checkpoint, 2 for invalid
-configuration or data.
+configuration or data, 3 (`ExitCode.DIVERGED`) when the loss-spike policy
+stops the run.
 """
 
 import json
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 from bagel.platform.config import RunConfig
 from bagel.platform.exit_codes import ExitCode
+from bagel.platform.train.spike import TrainingDiverged
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +204,11 @@ class Trainer:
                 if result.decision.action == "skip":
                     logger.warning("step %d skipped: %s", step, result.decision.reason)
                 elif result.decision.action == "stop":
-                    logger.error("step %d: stopping on loss spike: %s", step, result.decision.reason)
-                    raise LossSpikeStop(result.decision.reason)
+                    raise TrainingDiverged(
+                        f"step {step}: {result.decision.reason}. Resuming from the last checkpoint would replay the "
+                        "same data: start again from an earlier checkpoint (run.init_from) with a lower optim.lr, "
+                        "or set train.spike.policy=skip"
+                    )
                 progress.step = step
                 progress.tokens_seen += result.tokens
                 record = {"step": step, "loss": result.total, "ce": result.ce, "mse": result.mse}
@@ -379,6 +384,3 @@ class Trainer:
     def close(self) -> None:
         self._stop_metrics()
 
-
-class LossSpikeStop(RuntimeError):
-    """The spike policy stopped the run (a non-finite or spiking loss, or too many skipped steps)."""

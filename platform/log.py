@@ -10,6 +10,10 @@ import os
 import sys
 
 _FORMAT = "%(asctime)s %(rank_prefix)s%(levelname)s %(name)s: %(message)s"
+# Storage client libraries that log routine steps at INFO (aiobotocore logs
+# "Found credentials in environment variables." for every new client). They
+# log at WARNING and above unless the requested level is DEBUG.
+QUIET_LOGGERS = ("aiobotocore", "botocore", "boto3", "s3fs")
 
 
 class _RankFilter(logging.Filter):
@@ -38,6 +42,9 @@ def setup_logging(level: str = "INFO") -> None:
 
     root = logging.getLogger()
     root.setLevel(numeric_level)
+    for name in QUIET_LOGGERS:
+        # NOTSET hands the level back to the root logger, so DEBUG shows everything.
+        logging.getLogger(name).setLevel(logging.NOTSET if numeric_level <= logging.DEBUG else logging.WARNING)
     if any(getattr(handler, "_bagel", False) for handler in root.handlers):
         return
     handler = logging.StreamHandler(sys.stderr)

@@ -2,6 +2,9 @@
 
 Every URI handed around keeps its protocol (`s3://bucket/key`, `file:///abs`);
 `open_fs` turns one into a filesystem and the protocol-less path fsspec wants.
+The S3 endpoint follows the same precedence as data storage:
+`storage_options`, then AWS_ENDPOINT_URL, then FSSPEC_S3_ENDPOINT_URL
+(`bagel.platform.s3_endpoint`).
 """
 
 import hashlib
@@ -12,13 +15,15 @@ from typing import Any
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 
+from bagel.platform.s3_endpoint import with_s3_endpoint
+
 # Read size for checksums: large enough that S3 round trips do not dominate.
 _CHUNK_BYTES = 8 * 1024 * 1024
 
 
 def open_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
     """Return (filesystem, path inside it) for `uri`."""
-    return url_to_fs(uri, **(storage_options or {}))
+    return url_to_fs(uri, **with_s3_endpoint(uri, storage_options))
 
 
 def join(uri: str, *names: str) -> str:

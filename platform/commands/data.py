@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from bagel.platform.exit_codes import UsageError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `data` command group."""
@@ -39,9 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from bagel.platform.data.demo import write_demo
+    from bagel.platform.data.storage import unreachable_endpoint_errors
     from bagel.platform.exit_codes import ExitCode
 
-    manifests = write_demo(args.dest, max_side=args.max_side, samples_per_shard=args.samples_per_shard)
+    # A failed connection to the S3 endpoint becomes a UsageError: one line and exit code 2, no traceback.
+    with unreachable_endpoint_errors("bagel data demo: "):
+        manifests = write_demo(args.dest, max_side=args.max_side, samples_per_shard=args.samples_per_shard)
     for task, uri in manifests.items():
         print(f"{task}: {uri}")
     return ExitCode.SUCCESS
@@ -49,23 +54,29 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from bagel.platform.data.prepare import prepare_dataset
-    from bagel.platform.exit_codes import ExitCode, UsageError
+    from bagel.platform.data.storage import unreachable_endpoint_errors
+    from bagel.platform.exit_codes import ExitCode
 
-    try:
-        uri = prepare_dataset(
-            args.src, args.dest, args.format, args.name, args.image_dir, args.samples_per_shard, int(args.max_shard_mb * 2**20)
-        )
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(f"bagel data prepare {args.src}: {error}") from error
+    with unreachable_endpoint_errors("bagel data prepare: "):
+        try:
+            uri = prepare_dataset(
+                args.src, args.dest, args.format, args.name, args.image_dir, args.samples_per_shard, int(args.max_shard_mb * 2**20)
+            )
+        except UsageError:
+            raise
+        except (FileNotFoundError, ValueError) as error:
+            raise UsageError(f"bagel data prepare {args.src}: {error}") from error
     print(uri)
     return ExitCode.SUCCESS
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from bagel.platform.data.inspect import inspect_dataset
+    from bagel.platform.data.storage import unreachable_endpoint_errors
     from bagel.platform.exit_codes import ExitCode
 
-    report = inspect_dataset(args.uri, args.samples, args.tokenizer, args.model, args.verify)
+    with unreachable_endpoint_errors("bagel data inspect: "):
+        report = inspect_dataset(args.uri, args.samples, args.tokenizer, args.model, args.verify)
     if args.json:
         print(json.dumps(report, indent=1))
     else:

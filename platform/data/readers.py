@@ -19,12 +19,49 @@ import json
 import logging
 from typing import Any, Iterator
 
+from bagel.platform.data.shards import DataError
 from bagel.platform.data.storage import new_filesystem
 
 logger = logging.getLogger(__name__)
 
 # (key, record, [(image bytes, extension)])
 SourceSample = tuple[str, dict, list[tuple[bytes, str]]]
+
+# The parquet columns or JSONL fields each format reads, with what they contain.
+SOURCE_FIELDS: dict[str, dict[str, str]] = {
+    "t2i": {
+        "image": "encoded image bytes",
+        "captions": "a JSON string holding a dict or list of alternative captions",
+    },
+    "vlm": {
+        "conversations": "a list of {from, value} turns with <image> placeholders",
+        "image": "optional: an image path relative to the image folder, or a list of them",
+    },
+    "edit": {
+        "image_list": "a list of encoded images",
+        "instruction_list": "per transition, a list of alternative instructions",
+    },
+}
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {"t2i": ("image", "captions"), "vlm": ("conversations",), "edit": ("image_list", "instruction_list")}
+_CONTAINER = {"t2i": "parquet columns", "vlm": "JSONL fields", "edit": "parquet columns"}
+
+
+def expected_fields(fmt: str) -> str:
+    """Describe the columns or fields that format `fmt` reads, e.g. "t2i parquet columns image (...), captions (...)"."""
+    listed = ", ".join(f"{name} ({meaning})" for name, meaning in SOURCE_FIELDS[fmt].items())
+    return f"{fmt} {_CONTAINER[fmt]} {listed}"
+
+
+def check_fields(fmt: str, where: str, present: list[str]) -> None:
+    """Raise DataError naming the missing fields, the ones `where` has and the expected ones."""
+    missing = [name for name in REQUIRED_FIELDS[fmt] if name not in present]
+    if not missing:
+        return
+    kind = _CONTAINER[fmt].split()[1]
+    raise DataError(
+        f"{where} lacks the {kind} {', '.join(missing)} of --format {fmt}: it has {kind} "
+        f"{', '.join(present) or '(none)'}; expected {expected_fields(fmt)}"
+    )
 
 
 def image_extension(data: bytes) -> str:
@@ -67,18 +104,24 @@ def detect_format(src: str, storage_options: dict | None = None) -> str:
 
     if src.rstrip("/").endswith((".jsonl", ".json")):
         return "vlm"
+    formats = "; ".join(expected_fields(fmt) for fmt in SOURCE_FIELDS)
     fs, path = new_filesystem(src, storage_options)
     if fs.isdir(path):
-        if any(p.endswith(".jsonl") for p in fs.find(path)):
+        found = fs.find(path)
+        if any(p.endswith(".jsonl") for p in found):
             return "vlm"
+        if not any(p.endswith(".parquet") for p in found):
+            raise FileNotFoundError(f"no .parquet or .jsonl files under {src}; the source formats are: {formats}")
     _, files = _list_files(src, (".parquet",), storage_options)
     with fs.open(files[0], "rb") as f:
         names = set(pq.ParquetFile(f).schema_arrow.names)
-    if {"image", "captions"} <= names:
-        return "t2i"
-    if {"image_list", "instruction_list"} <= names:
-        return "edit"
-    raise ValueError(f"cannot tell the format of {src}: parquet columns {sorted(names)}; pass --format")
+    for fmt in ("t2i", "edit"):
+        if set(REQUIRED_FIELDS[fmt]) <= names:
+            return fmt
+    raise DataError(
+        f"cannot tell the format of {src}: its parquet columns are {', '.join(sorted(names)) or '(none)'}; "
+        f"expected {formats}. Rename the columns or pass --format"
+    )
 
 
 def read_t2i_parquet(src: str, storage_options: dict | None = None) -> Iterator[SourceSample]:
@@ -88,6 +131,7 @@ def read_t2i_parquet(src: str, storage_options: dict | None = None) -> Iterator[
     for file_index, file in enumerate(files):
         with fs.open(file, "rb") as f:
             parquet = pq.ParquetFile(f)
+            check_fields("t2i", f"parquet file {file}", parquet.schema_arrow.names)
             row = 0
             for batch in parquet.iter_batches(batch_size=256, columns=["image", "captions"]):
                 for image, captions in zip(batch.column("image").to_pylist(), batch.column("captions").to_pylist()):
@@ -121,9 +165,20 @@ def read_vlm_jsonl(src: str, image_dir: str | None = None, storage_options: dict
                 except ValueError as error:
                     logger.warning("%s line %d: not JSON (%s); skipped", file, line_index + 1, error)
                     continue
+                if not isinstance(entry, dict):
+                    raise DataError(
+                        f"{file} line {line_index + 1} is a JSON {type(entry).__name__}, not an object; "
+                        f"expected {expected_fields('vlm')}"
+                    )
                 if "video" in entry:
                     logger.warning("%s line %d: video samples are not supported; skipped", file, line_index + 1)
                     continue
+                check_fields("vlm", f"{file} line {line_index + 1}", list(entry))
+                if not isinstance(entry["conversations"], list):
+                    raise DataError(
+                        f"{file} line {line_index + 1}: field conversations is a {type(entry['conversations']).__name__}; "
+                        f"expected {expected_fields('vlm')}"
+                    )
                 paths = entry.get("image", [])
                 paths = [paths] if isinstance(paths, str) else list(paths)
                 images = []
@@ -133,7 +188,7 @@ def read_vlm_jsonl(src: str, image_dir: str | None = None, storage_options: dict
                     images.append((data, image_extension(data)))
                 record = {
                     "kind": "vlm",
-                    "conversations": entry.get("conversations", []),
+                    "conversations": entry["conversations"],
                     "images": [ext for _, ext in images],
                 }
                 yield key, record, images
@@ -146,6 +201,7 @@ def read_edit_parquet(src: str, storage_options: dict | None = None) -> Iterator
     for file_index, file in enumerate(files):
         with fs.open(file, "rb") as f:
             parquet = pq.ParquetFile(f)
+            check_fields("edit", f"parquet file {file}", parquet.schema_arrow.names)
             row = 0
             for batch in parquet.iter_batches(batch_size=64, columns=["image_list", "instruction_list"]):
                 for image_list, instruction_list in zip(

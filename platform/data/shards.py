@@ -37,7 +37,18 @@ from zlib import adler32
 
 from bagel.platform.data.config import RetryConfig
 from bagel.platform.exit_codes import UsageError
-from bagel.platform.data.storage import RetryStats, ShardReader, call_with_retries, join_uri, new_filesystem
+from bagel.platform.data.storage import (
+    BucketNotFoundError,
+    RetryStats,
+    ShardReader,
+    call_with_retries,
+    check_bucket,
+    join_uri,
+    new_filesystem,
+    unreachable_endpoint_errors,
+    unreachable_endpoint_message,
+)
+from bagel.platform.s3_endpoint import is_s3_uri
 
 logger = logging.getLogger(__name__)
 
@@ -86,18 +97,68 @@ def manifest_uri(uri: str) -> str:
     return uri if uri.endswith(".json") else uri.rstrip("/") + "/" + MANIFEST_NAME
 
 
+# Subfolders checked for a manifest when a location contains none. It is enough
+# for a folder of datasets, and few enough that a bucket root costs seconds, not minutes.
+_MAX_FOLDERS_CHECKED = 64
+
+
+def datasets_below(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Return the URIs of the direct subfolders of `uri` that contain a manifest ([] when none or unreadable).
+
+    Only the first 64 subfolders in listing order are checked.
+    """
+    base = uri.rstrip("/")
+    fs, path = new_filesystem(base, storage_options)
+    try:
+        entries = fs.ls(path, detail=True)
+    except Exception as error:  # the result only adds a hint to an error message, so unreadable means none
+        logger.debug("cannot list %s: %s", base, error)
+        return []
+    found = []
+    folders = [entry["name"].rstrip("/") for entry in entries if entry.get("type") == "directory"]
+    for folder in folders[:_MAX_FOLDERS_CHECKED]:
+        name = folder.rsplit("/", 1)[-1]
+        try:
+            if fs.exists(f"{folder}/{MANIFEST_NAME}"):
+                found.append(f"{base}/{name}")
+        except Exception as error:
+            logger.debug("cannot check %s/%s: %s", folder, MANIFEST_NAME, error)
+    return sorted(found)
+
+
+def _missing_manifest_error(uri: str, fs: Any, storage_options: dict[str, Any] | None, retry: RetryConfig) -> DataError:
+    """Explain a manifest that was not found: a missing bucket, datasets one level down, or nothing there."""
+    try:
+        check_bucket(fs, uri, retry)
+    except BucketNotFoundError as error:
+        return DataError(str(error))
+    location = uri.rsplit("/", 1)[0]
+    datasets = datasets_below(location, storage_options)
+    if datasets:
+        return DataError(
+            f"dataset manifest {uri} does not exist, but {location} contains {len(datasets)} dataset(s): "
+            f"{', '.join(datasets)}; use one of these URIs, for example `bagel data inspect {datasets[0]}`"
+        )
+    return DataError(f"dataset manifest {uri} does not exist; write it with `bagel data prepare` or `bagel data demo`")
+
+
 def read_manifest(uri: str, storage_options: dict[str, Any] | None = None, retry: RetryConfig | None = None) -> Manifest:
-    """Read and validate a manifest; a missing or empty one raises DataError naming the URI."""
+    """Read and validate a manifest; a missing, unreachable or empty one raises DataError naming the URI.
+
+    `uri` is the manifest or the folder that contains manifest.json.
+    """
     uri = manifest_uri(uri)
+    retry = retry or RetryConfig()
     fs, path = new_filesystem(uri, storage_options)
     try:
-        raw = call_with_retries(lambda: fs.cat_file(path), f"read {uri}", retry or RetryConfig())
+        raw = call_with_retries(lambda: fs.cat_file(path), f"read {uri}", retry)
     except FileNotFoundError as error:
-        raise DataError(f"dataset manifest {uri} does not exist; write it with `bagel data prepare` or `bagel data demo`") from error
+        raise _missing_manifest_error(uri, fs, storage_options, retry) from error
     except PermissionError as error:
         raise DataError(f"dataset manifest {uri} is not readable with the given credentials: {error}") from error
     except Exception as error:  # storage errors that outlived the retries
-        raise DataError(f"cannot read dataset manifest {uri}: {type(error).__name__}: {error}") from error
+        message = unreachable_endpoint_message(error) or f"{type(error).__name__}: {error}"
+        raise DataError(f"cannot read dataset manifest {uri}: {message}") from error
     try:
         body = json.loads(raw)
     except ValueError as error:
@@ -115,7 +176,9 @@ class ShardWriter:
     """Writes samples into tar shards under `dest` and the manifest last.
 
     A shard is closed when it contains `max_samples` samples or `max_bytes` bytes.
-    Shards are built in memory and uploaded whole (one PUT per shard).
+    Shards are built in memory and uploaded whole (one PUT per shard, retried
+    within `retry`'s budget like reads). On S3 the bucket must exist: the
+    writer never creates one and raises BucketNotFoundError (a UsageError).
     """
 
     def __init__(
@@ -126,12 +189,18 @@ class ShardWriter:
         max_samples: int = 1000,
         max_bytes: int = 64 * 2**20,
         storage_options: dict[str, Any] | None = None,
+        retry: RetryConfig | None = None,
     ) -> None:
         self.dest = dest.rstrip("/")
         self.name, self.kind = name, kind
         self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.retry = retry or RetryConfig()
         self.fs, self.root = new_filesystem(self.dest, storage_options)
-        self.fs.makedirs(self.root, exist_ok=True)
+        if is_s3_uri(self.dest):
+            # Object stores have no folders to create, and s3fs's makedirs would create a missing bucket.
+            check_bucket(self.fs, self.dest, self.retry)
+        else:
+            self.fs.makedirs(self.root, exist_ok=True)
         self.shards: list[ShardInfo] = []
         self._buffer: io.BytesIO | None = None
         self._tar: tarfile.TarFile | None = None
@@ -172,7 +241,7 @@ class ShardWriter:
         self._tar.close()
         data = self._buffer.getvalue()
         shard_name = f"shard-{len(self.shards):05d}.tar"
-        self.fs.pipe_file(f"{self.root}/{shard_name}", data)
+        self._put(f"{self.root}/{shard_name}", data)
         self.shards.append(ShardInfo(shard_name, self._count, len(data), hashlib.sha256(data).hexdigest()))
         self._tar, self._buffer, self._count = None, None, 0
 
@@ -188,8 +257,12 @@ class ShardWriter:
             "created_unix": int(time.time()),
             "shards": [s.__dict__ for s in self.shards],
         }
-        self.fs.pipe_file(f"{self.root}/{MANIFEST_NAME}", json.dumps(body, indent=1).encode("utf-8"))
+        self._put(f"{self.root}/{MANIFEST_NAME}", json.dumps(body, indent=1).encode("utf-8"))
         return f"{self.dest}/{MANIFEST_NAME}"
+
+    def _put(self, path: str, data: bytes) -> None:
+        with unreachable_endpoint_errors(f"cannot write {path}: ", DataError):
+            call_with_retries(lambda: self.fs.pipe_file(path, data), f"write {path}", self.retry)
 
 
 @dataclass

@@ -4,7 +4,8 @@ Every URI goes through fsspec (`file://` or a bare path, `s3://` through s3fs,
 `memory://`). For s3, endpoint, credentials and region come from the usual
 environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_DEFAULT_REGION, AWS_ENDPOINT_URL or FSSPEC_S3_ENDPOINT_URL) and from the
-config's `storage_options`, which win.
+config's `storage_options`, which win (`bagel.platform.s3_endpoint` has the
+full precedence rule for the endpoint).
 
 Retries live here and nowhere below: s3fs's and botocore's own retry loops are
 switched off for the filesystems this module creates, so every retried request
@@ -18,18 +19,23 @@ parsing overlap, and a shard is never downloaded whole before use.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import random
+import sys
 import time
+import urllib.parse
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 
 from bagel.platform.data.config import RetryConfig
+from bagel.platform.exit_codes import UsageError
+from bagel.platform.s3_endpoint import is_s3_uri, with_s3_endpoint
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,6 +60,10 @@ _RETRYABLE_MARKERS = (
 )
 
 
+# Settings that choose the S3 endpoint, named in messages about an unreachable endpoint.
+ENDPOINT_SETTINGS = "AWS_ENDPOINT_URL / FSSPEC_S3_ENDPOINT_URL or data.storage_options"
+
+
 class RetryStats:
     """Counts retried requests in this process (reported as the `retries` metric)."""
 
@@ -67,10 +77,61 @@ def is_retryable(error: BaseException) -> bool:
         return False
     if isinstance(error, (ConnectionError, TimeoutError)):
         return True
+    if _is_botocore_network_error(error):  # refused or reset connections, read timeouts (not builtin subclasses)
+        return True
     if isinstance(error, OSError) and error.errno == errno.EBUSY:  # s3fs's translation of SlowDown
         return True
     text = f"{type(error).__name__}: {error}"
     return any(marker in text for marker in _RETRYABLE_MARKERS)
+
+
+def _botocore_exceptions():
+    """Return botocore.exceptions if it is imported, else None (then no error can be one of its classes)."""
+    return sys.modules.get("botocore.exceptions")
+
+
+def _is_botocore_network_error(error: BaseException) -> bool:
+    exceptions = _botocore_exceptions()
+    return exceptions is not None and isinstance(error, (exceptions.ConnectionError, exceptions.HTTPClientError))
+
+
+def unreachable_endpoint_message(error: BaseException) -> str | None:
+    """Return a one-line description of a failed connection to an S3 endpoint in `error` or its causes, or None.
+
+    The message names the endpoint (scheme and host of the request URL) and
+    the settings that choose it.
+    """
+    exceptions = _botocore_exceptions()
+    if exceptions is None:
+        return None
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, exceptions.ConnectionError):
+            request_url = getattr(current, "kwargs", {}).get("endpoint_url", "")
+            parts = urllib.parse.urlsplit(request_url)
+            endpoint = f"{parts.scheme}://{parts.netloc}" if parts.netloc else request_url or "(unknown)"
+            return f"cannot connect to the S3 endpoint {endpoint} ({current}); check {ENDPOINT_SETTINGS}"
+        current = current.__cause__ or current.__context__
+    return None
+
+
+@contextlib.contextmanager
+def unreachable_endpoint_errors(prefix: str = "", error_class: type[UsageError] = UsageError) -> Iterator[None]:
+    """Re-raise a failed connection to an S3 endpoint as `error_class` with `prefix` + a one-line message.
+
+    UsageErrors (their messages already name the fix) and all other errors pass unchanged.
+    """
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as error:
+        message = unreachable_endpoint_message(error)
+        if message is None:
+            raise
+        raise error_class(prefix + message) from error
 
 
 def call_with_retries(
@@ -104,16 +165,11 @@ def _protocol(uri: str) -> str:
 
 def filesystem_options(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
     """fsspec arguments for `uri`: the config's options, plus s3 settings that hand retries to us."""
-    options = dict(storage_options or {})
-    if _protocol(uri) in ("s3", "s3a"):
+    options = with_s3_endpoint(uri, storage_options)
+    if is_s3_uri(uri):
         config_kwargs = dict(options.get("config_kwargs") or {})
         config_kwargs.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
         options["config_kwargs"] = config_kwargs
-        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("FSSPEC_S3_ENDPOINT_URL")
-        client_kwargs = dict(options.get("client_kwargs") or {})
-        if endpoint and "endpoint_url" not in client_kwargs and "endpoint_url" not in options:
-            client_kwargs["endpoint_url"] = endpoint
-        options["client_kwargs"] = client_kwargs
     return options
 
 
@@ -130,6 +186,35 @@ def new_filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> t
         fs.retries = 1  # s3fs's own loop would retry (and hide) SlowDown responses
     path = cls._strip_protocol(uri)
     return fs, path
+
+
+class BucketNotFoundError(UsageError, FileNotFoundError):
+    """The S3 bucket of a URI does not exist."""
+
+
+def check_bucket(fs: fsspec.AbstractFileSystem, uri: str, retry: RetryConfig) -> None:
+    """Raise BucketNotFoundError unless the bucket of the s3:// `uri` exists. Other URIs pass unchecked.
+
+    Writers call this instead of `makedirs`, which on S3 creates a missing
+    bucket, so a typo in a bucket name would create a new bucket. A
+    connection failure that outlives the retries raises UsageError naming the
+    endpoint. A bucket that exists but denies HeadBucket (403) passes: the
+    writes that follow report their own permission errors.
+    """
+    if not is_s3_uri(uri):
+        return
+    bucket = type(fs)._strip_protocol(uri).split("/", 1)[0]
+    try:
+        with unreachable_endpoint_errors():
+            call_with_retries(lambda: fs.call_s3("head_bucket", Bucket=bucket), f"check of bucket {bucket!r}", retry)
+    except FileNotFoundError as error:
+        endpoint = getattr(fs, "endpoint_url", None) or "AWS's default endpoint"
+        raise BucketNotFoundError(
+            f"S3 bucket {bucket!r} of {uri} does not exist at {endpoint}; "
+            f"create it first (for example `aws s3 mb s3://{bucket}`) or fix the bucket name"
+        ) from error
+    except PermissionError:
+        logger.debug("HeadBucket on %s is forbidden; assuming the bucket exists", bucket)
 
 
 def join_uri(base_uri: str, relative: str) -> str:

@@ -39,12 +39,14 @@ class TensorBoardSync:
     ) -> None:
         import fsspec
 
+        from bagel.platform.s3_endpoint import with_s3_endpoint
+
         self.remote_uri = remote_uri.rstrip("/")
         self._owns_local = not local_dir
         self.local_dir = Path(local_dir or tempfile.mkdtemp(prefix="bagel-tb-"))
         self.local_dir.mkdir(parents=True, exist_ok=True)
         self.sync_every_s = sync_every_s
-        self.fs, self.remote_path = fsspec.core.url_to_fs(self.remote_uri, **(storage_options or {}))
+        self.fs, self.remote_path = fsspec.core.url_to_fs(self.remote_uri, **with_s3_endpoint(self.remote_uri, storage_options))
         self.fs.makedirs(self.remote_path, exist_ok=True)
         self.host = socket.gethostname().replace(".", "-")
         self.uploaded_bytes = 0  # every byte sent, so tests can check nothing is sent twice

@@ -90,6 +90,20 @@ def test_divergence_exits_3(demo: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "runs" / "dev" / "pretrain" / "summary.json").exists()
 
 
+def test_missing_storage_bucket_exits_2(demo: Path, s3_server) -> None:
+    """run.storage on a bucket that does not exist fails before any training and does not create the bucket."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", BAGEL_DEVICE="cpu", BAGEL_DATA_ROOT=demo.as_uri(), **s3_server.env)
+    result = subprocess.run(
+        [sys.executable, "-m", "bagel.platform", "train", "--config", "tiny/pretrain", "run.storage=s3://no-such-run-bucket/bagel"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "no-such-run-bucket" in result.stderr
+    assert "does not exist" in result.stderr
+    buckets = [bucket["Name"] for bucket in s3_server.client().list_buckets()["Buckets"]]
+    assert "no-such-run-bucket" not in buckets
+
+
 def bad_data_config(tmp_path: Path) -> Path:
     """Return a tiny pretrain config whose only dataset has 4 bad samples in 24 (17%)."""
     faults = {1: "corrupt_image", 4: "zero_size_image", 7: "missing_field", 10: "too_long"}

@@ -55,6 +55,22 @@ def gather_data_metrics(local: dict[str, float], dp_rank: int, world_size: int) 
     return total
 
 
+def check_run_storage(config: RunConfig) -> None:
+    """Fail before any GPU work when `run.storage` is on S3 and its bucket does not exist.
+
+    Checkpoint and TensorBoard writes would otherwise create the bucket
+    (s3fs's makedirs does), so a misspelled bucket name would quietly start
+    a new bucket. Raises BucketNotFoundError (a UsageError, exit code 2).
+    """
+    from bagel.platform.data.config import RetryConfig
+    from bagel.platform.data.storage import check_bucket, new_filesystem
+
+    storage = config.run.storage
+    storage_options = getattr(config.checkpoint, "storage_options", {}) or {}
+    fs, _ = new_filesystem(storage, storage_options)
+    check_bucket(fs, storage, RetryConfig())
+
+
 class Trainer:
     """Owns every object of one training run; `setup()` then `fit()` (or the parity harness calls `step_fn`)."""
 
@@ -77,6 +93,7 @@ class Trainer:
         from bagel.platform.train.step import TrainStep
 
         config = self.config
+        check_run_storage(config)
         self.device_info = init_device()
         device = self.device_info.device
         self.device = device

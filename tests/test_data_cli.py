@@ -121,7 +121,6 @@ def _bad_sources(root: Path) -> dict[str, tuple[list[str], Path]]:
     [
         ("t2i", ["image", "captions"], ["img", "caption"], ["image", "captions"]),
         ("edit", ["instruction_list"], ["image_list", "instructions"], ["image_list", "instruction_list"]),
-        ("vlm", ["conversations"], ["image", "messages"], ["conversations", "image"]),
     ],
 )
 def test_prepare_missing_fields_exit_2(tmp_path, case, missing, present, expected):
@@ -135,6 +134,29 @@ def test_prepare_missing_fields_exit_2(tmp_path, case, missing, present, expecte
         assert name in has
     for name in expected:
         assert name in expects
+
+
+def test_prepare_vlm_without_samples_exits_2(tmp_path):
+    """A JSONL file in which no line is a VLM sample names the first bad line, its fields and the expected ones."""
+    arguments, src = _bad_sources(tmp_path)["vlm"]
+    line = _usage_error_line(_bagel("data", "prepare", *arguments, str(src), str(tmp_path / "out"), env=_env()))
+    problem, _, expects = line.partition("expected")
+    assert "line 1 lacks the fields conversations" in problem
+    assert "image, messages" in problem
+    assert "conversations" in expects
+    assert "image" in expects
+
+
+def test_prepare_vlm_skips_bad_lines(tmp_path):
+    """Bad lines among good ones are skipped with a warning each; the good lines are converted."""
+    good = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    lines = [json.dumps(good), "not json", json.dumps(["a list"]), json.dumps({"messages": []}), json.dumps(good)]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    result = _bagel("data", "prepare", "--format", "vlm", str(src), str(tmp_path / "out"), env=_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("skipped") == 3
+    assert read_manifest(str(tmp_path / "out")).num_samples == 2
 
 
 def test_detect_format_lists_every_format(tmp_path):

@@ -150,11 +150,34 @@ def read_t2i_parquet(src: str, storage_options: dict | None = None) -> Iterator[
                     ]
 
 
+# Malformed JSONL lines warned about one by one per file; the rest are counted in one summary line.
+_LINE_WARNINGS = 5
+
+
+def _vlm_line_problem(entry: object) -> str:
+    """Return why a parsed JSONL line is not a VLM sample, or "" when it is one."""
+    if not isinstance(entry, dict):
+        return f"is a JSON {type(entry).__name__}, not an object"
+    missing = [name for name in REQUIRED_FIELDS["vlm"] if name not in entry]
+    if missing:
+        return f"lacks the fields {', '.join(missing)} (it has {', '.join(entry) or 'none'})"
+    if not isinstance(entry["conversations"], list):
+        return f"has a conversations field of type {type(entry['conversations']).__name__}, not a list"
+    return ""
+
+
 def read_vlm_jsonl(src: str, image_dir: str | None = None, storage_options: dict | None = None) -> Iterator[SourceSample]:
+    """Yield the VLM samples of every JSONL file under `src`.
+
+    A line that is not JSON or not a VLM sample is skipped with a warning, so
+    one bad line does not stop a large conversion. A file in which no line is
+    a sample raises DataError with the first problem and the expected fields.
+    """
     fs, files = _list_files(src, (".jsonl",), storage_options)
     for file_index, file in enumerate(files):
         folder = image_dir or file.rsplit("/", 1)[0]
         image_fs, image_root = new_filesystem(folder, storage_options) if image_dir else (fs, folder)
+        yielded, skipped, first_problem = 0, 0, ""
         with fs.open(file, "rt", encoding="utf-8") as f:
             for line_index, line in enumerate(f):
                 if not line.strip():
@@ -163,22 +186,17 @@ def read_vlm_jsonl(src: str, image_dir: str | None = None, storage_options: dict
                 try:
                     entry = json.loads(line)
                 except ValueError as error:
-                    logger.warning("%s line %d: not JSON (%s); skipped", file, line_index + 1, error)
+                    problem = f"is not JSON ({error})"
+                else:
+                    problem = _vlm_line_problem(entry)
+                if not problem and "video" in entry:
+                    problem = "is a video sample, which is not supported"
+                if problem:
+                    skipped += 1
+                    first_problem = first_problem or f"line {line_index + 1} {problem}"
+                    if skipped <= _LINE_WARNINGS:
+                        logger.warning("%s line %d %s; skipped", file, line_index + 1, problem)
                     continue
-                if not isinstance(entry, dict):
-                    raise DataError(
-                        f"{file} line {line_index + 1} is a JSON {type(entry).__name__}, not an object; "
-                        f"expected {expected_fields('vlm')}"
-                    )
-                if "video" in entry:
-                    logger.warning("%s line %d: video samples are not supported; skipped", file, line_index + 1)
-                    continue
-                check_fields("vlm", f"{file} line {line_index + 1}", list(entry))
-                if not isinstance(entry["conversations"], list):
-                    raise DataError(
-                        f"{file} line {line_index + 1}: field conversations is a {type(entry['conversations']).__name__}; "
-                        f"expected {expected_fields('vlm')}"
-                    )
                 paths = entry.get("image", [])
                 paths = [paths] if isinstance(paths, str) else list(paths)
                 images = []
@@ -191,7 +209,12 @@ def read_vlm_jsonl(src: str, image_dir: str | None = None, storage_options: dict
                     "conversations": entry["conversations"],
                     "images": [ext for _, ext in images],
                 }
+                yielded += 1
                 yield key, record, images
+        if skipped > _LINE_WARNINGS:
+            logger.warning("%s: %d lines skipped in all (the first %d are listed above)", file, skipped, _LINE_WARNINGS)
+        if skipped and not yielded:
+            raise DataError(f"{file} contains no VLM sample: {first_problem}; expected {expected_fields('vlm')}")
 
 
 def read_edit_parquet(src: str, storage_options: dict | None = None) -> Iterator[SourceSample]:

@@ -86,3 +86,55 @@ def test_sync_to_s3_uploads_each_segment_once(s3_server, tmp_path: Path) -> None
     for obj in objects:
         fs.get_file(obj["name"], str(local / Path(obj["name"]).name))
     assert [step for step, _ in read_scalars(str(local))["loss/total"]] == list(range(30))
+
+
+def _children(pid: int) -> list[int]:
+    """Return the pids whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_sigterm_stops_tensorboard_child(tmp_path: Path) -> None:
+    """SIGTERM to `bagel tensorboard` alone (not its process group) also stops the TensorBoard it started."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    writer = TensorBoardSync((tmp_path / "logs").as_uri(), local_dir=str(tmp_path / "local"), sync_every_s=3600)
+    writer.add_scalars(1, {"loss/total": 1.0})
+    writer.close()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bagel.platform", "tensorboard", str(tmp_path / "logs"), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    children: list[int] = []
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith("TensorBoard: http://127.0.0.1:")
+        children = _children(process.pid)
+        assert children
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        deadline = time.monotonic() + 15
+        while any(Path(f"/proc/{child}").exists() for child in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(Path(f"/proc/{child}").exists() for child in children)
+    finally:
+        for child in children:
+            if Path(f"/proc/{child}").exists():
+                os.kill(child, signal.SIGKILL)
+        if process.poll() is None:
+            process.kill()

@@ -156,6 +156,12 @@ def test_spike_policy_skips_and_names_term() -> None:
     assert "not finite" in nan.reason
 
 
+def test_non_finite_names_term_before_total() -> None:
+    monitor = SpikeMonitor(SpikeConfig(policy="stop"))
+    decision = monitor.check(1, {"total": float("nan"), "ce": 2.0, "mse": float("nan")})
+    assert decision.reason.startswith("mse=nan")
+
+
 def test_spike_policy_stop() -> None:
     monitor = SpikeMonitor(SpikeConfig(policy="stop"))
     decision = monitor.check(1, {"total": float("inf"), "ce": None, "mse": 1.0})

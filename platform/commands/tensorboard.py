@@ -12,12 +12,15 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from bagel.platform.exit_codes import ExitCode, UsageError
 from bagel.platform.layout import DEFAULT_STORAGE_ENV, DEFAULT_WORKDIR, default_storage
+from bagel.platform.processes import stop_process
+from bagel.platform.s3_endpoint import resolve_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ def tensorboard_environment(logdir: str) -> dict[str, str]:
     if logdir.startswith("s3://"):
         # Without TensorFlow, TensorBoard reads s3:// through boto3 and takes the
         # endpoint from S3_ENDPOINT; without one it would go to the public AWS endpoint.
-        endpoint = env.get("S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL") or env.get("FSSPEC_S3_ENDPOINT_URL")
+        endpoint = env.get("S3_ENDPOINT") or resolve_endpoint(None)
         if endpoint:
             env["S3_ENDPOINT"] = endpoint
         else:
@@ -97,10 +100,16 @@ def run_tensorboard(args: argparse.Namespace) -> int:
     logger.info("starting TensorBoard on %s", logdir)
     process = subprocess.Popen(command, env=tensorboard_environment(logdir), stderr=subprocess.PIPE, text=True)
 
-    # TensorBoard announces its URL on stderr ("TensorBoard 2.x at http://...");
-    # echo that line to stdout so scripts and people can pick up the URL.
-    assert process.stderr is not None
+    # SIGTERM (a service manager, `kill`, a pod stopping) ends this command like
+    # Ctrl-C, so the `finally` below stops TensorBoard instead of orphaning it.
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
+        # TensorBoard announces its URL on stderr ("TensorBoard 2.x at http://...");
+        # echo that line to stdout so scripts and people can pick up the URL.
+        assert process.stderr is not None
         for line in process.stderr:
             sys.stderr.write(line)
             if " at http://" in line:
@@ -108,6 +117,7 @@ def run_tensorboard(args: argparse.Namespace) -> int:
                 print(f"TensorBoard: {url}", flush=True)
         return ExitCode.SUCCESS if process.wait() == 0 else ExitCode.FAILURE
     except KeyboardInterrupt:
-        process.terminate()
-        process.wait(timeout=10)
         return ExitCode.SUCCESS
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        stop_process(process)

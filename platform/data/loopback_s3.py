@@ -33,6 +33,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Iterator
 
+from bagel.platform.processes import stop_process
+
 _KEY = "testing"
 _SECRET = "testing"
 _REGION = "us-east-1"
@@ -208,12 +210,7 @@ def seaweedfs_server(startup_timeout_s: float = 60) -> Iterator[S3Server]:
                 time.sleep(0.2)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc, timeout_s=15)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -43,7 +43,9 @@ class SpikeMonitor:
         if self.config.policy == "off":
             return SpikeDecision("ok")
         reason = ""
-        for name, value in terms.items():
+        # The total is checked last: a NaN in ce or mse makes it NaN too, and the
+        # reason should name the term that caused it.
+        for name, value in sorted(terms.items(), key=lambda item: item[0] == "total"):
             if value is not None and not math.isfinite(value):
                 reason = f"{name}={value} is not finite"
                 break

@@ -221,11 +221,7 @@ class Trainer:
                 if result.decision.action == "skip":
                     logger.warning("step %d skipped: %s", step, result.decision.reason)
                 elif result.decision.action == "stop":
-                    raise TrainingDiverged(
-                        f"step {step}: {result.decision.reason}. Resuming from the last checkpoint would replay the "
-                        "same data: start again from an earlier checkpoint (run.init_from) with a lower optim.lr, "
-                        "or set train.spike.policy=skip"
-                    )
+                    raise TrainingDiverged(self._divergence_message(step, result.decision.reason, ckpt))
                 progress.step = step
                 progress.tokens_seen += result.tokens
                 record = {"step": step, "loss": result.total, "ce": result.ce, "mse": result.mse}
@@ -265,6 +261,23 @@ class Trainer:
         if exit_code == ExitCode.SUCCESS:
             self._write_summary(progress, summary, time.perf_counter() - wall_begin, goodput, ckpt)
         return exit_code
+
+    def _divergence_message(self, step: int, reason: str, ckpt) -> str:
+        """Explain a spike-policy stop: what happened, why a retry would repeat it, and what to change."""
+        spike = self.config.train.spike
+        latest = ckpt.latest_complete()
+        if latest is not None:
+            restart = f"start a new run from an earlier checkpoint (the latest complete one is {latest.uri}) with run.init_from"
+        else:
+            restart = "start the stage again"
+        if spike.policy == "stop":
+            policy = "or set train.spike.policy=skip to skip such steps"
+        else:
+            policy = f"or raise train.spike.max_consecutive (now {spike.max_consecutive})"
+        return (
+            f"step {step}: {reason}. Resuming would replay the same data into the same divergence: "
+            f"lower optim.lr and {restart}, {policy}"
+        )
 
     def checkpoint_states(self, progress, data=None) -> dict:
         """Return the `Stateful` objects a checkpoint of this run holds, keyed by their top-level names.

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from bagel.platform.exit_codes import ExitCode
+from bagel.platform.exit_codes import ExitCode, UsageError
 from bagel.platform.layout import DEFAULT_STORAGE_ENV, DEFAULT_WORKDIR
 
 logger = logging.getLogger(__name__)
@@ -152,6 +152,27 @@ def run_compile(args: argparse.Namespace) -> int:
     return ExitCode.SUCCESS
 
 
+def check_stage_configs(args: argparse.Namespace, stages: list[str]) -> None:
+    """Check the storage and every selected stage's config as `bagel launch` will, before the run is created.
+
+    A config that exists only inside the cluster's image or ConfigMap cannot
+    be checked here; it is skipped with a warning. Raises UsageError.
+    """
+    from bagel.platform.config import ConfigError, config_path
+    from bagel.platform.jobs.build import check_cluster_storage, plan_stage
+
+    check_cluster_storage(args.storage)
+    for stage in stages:
+        # The launch step's naming rule (pipelines/components.py): a path family or a packaged one.
+        name = f"{args.configs}/{stage}.yaml" if args.configs.startswith(("/", ".")) else f"{args.configs}/{stage}"
+        try:
+            config_path(name)
+        except ConfigError:
+            logger.warning("config %s is not on this machine, so it is checked only when its stage starts", name)
+            continue
+        plan_stage(name, list(args.overrides), run=args.run, storage=args.storage, stage=stage)
+
+
 def run_submit(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -162,8 +183,9 @@ def run_submit(args: argparse.Namespace) -> int:
 
     try:
         arguments = pipeline_arguments(args, backend="kubernetes")
+        check_stage_configs(args, [stage for stage in STAGES if arguments[f"run_{stage}"]])
         pipeline = _build(args)
-    except ValueError as error:
+    except (ValueError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return ExitCode.USAGE_ERROR
     with tempfile.TemporaryDirectory() as directory:

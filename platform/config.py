@@ -441,11 +441,24 @@ def build_dataclass(cls: type, mapping: Any, path: str) -> Any:
         )
     values = {}
     for name, value in mapping.items():
-        values[name] = _convert(hints[name], value, f"{path}.{name}" if path else name)
+        field_path = f"{path}.{name}" if path else name
+        if value is None and hints[name] is str:
+            # An override such as `job.image=` parses to None; the message shows what to write instead.
+            raise ConfigError(_missing_string_message(field_path, known[name].default))
+        values[name] = _convert(hints[name], value, field_path)
     try:
         return cls(**values)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"invalid {path or 'config'}: {error}") from None
+
+
+def _missing_string_message(path: str, default: Any) -> str:
+    """Return the error for a string field given no value, with an example of what to write."""
+    if isinstance(default, str) and default:
+        return f"{path} has no value: write a string, e.g. {path}={default}"
+    if default == "":
+        return f"{path} has no value: write a string, or {path}='' to leave it empty"
+    return f"{path} has no value: write a string, e.g. {path}=VALUE"
 
 
 def _convert(hint: Any, value: Any, path: str) -> Any:
@@ -498,6 +511,8 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}={value!r} is invalid: expected true or false")
         return value
     if hint is str:
+        if value is None:
+            raise ConfigError(_missing_string_message(path, None))
         if not isinstance(value, str):
             raise ConfigError(f"{path}={value!r} is invalid: expected a string")
         return value

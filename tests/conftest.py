@@ -68,3 +68,26 @@ def store(request, tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
     bucket = server.make_bucket("store-tests")
     return f"{bucket}/{uuid.uuid4().hex[:8]}", server.storage_options
+
+
+def _write_stage_config(path, **sections) -> str:
+    """Write the packaged tiny/pretrain config with `sections` merged in one level deep (run, job, ...); return the path."""
+    import yaml
+
+    from bagel.platform.config import config_path
+
+    config = yaml.safe_load(config_path("tiny/pretrain").read_text())
+    for name, values in sections.items():
+        config[name] = {**(config.get(name) or {}), **values}
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.fixture
+def write_stage_config():
+    """A function that writes a stage config file for launch tests (see `_write_stage_config`).
+
+    Launch tests use it so that their configs pass the same checks as a real
+    stage config: `bagel launch` validates the whole config before submitting.
+    """
+    return _write_stage_config

@@ -193,16 +193,13 @@ def test_job_name_bounded():
     assert job_name("7run", "sft")[0].isalpha()
 
 
-def test_plan_from_stage_config(tmp_path):
+def test_plan_from_stage_config(tmp_path, write_stage_config):
     config = tmp_path / "stage.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "run": {"name": "cfg-run", "stage": "sft", "storage": "s3://bucket/x"},
-                "preemption": {"deadline_seconds": 45},
-                "job": {"nodes": 2, "kind": "PyTorchJob"},
-            }
-        )
+    write_stage_config(
+        config,
+        run={"name": "cfg-run", "stage": "sft", "storage": "s3://bucket/x"},
+        preemption={"deadline_seconds": 45},
+        job={"nodes": 2, "kind": "PyTorchJob"},
     )
     plan = plan_stage(str(config), ["job.nodes=3", "optim.lr=1e-5", "run.name=ignored"], run="cli-run")
     assert plan.job.nodes == 3
@@ -276,3 +273,40 @@ def test_split_overrides():
     launcher, trainer = split_overrides(["job.nodes=2", "run.name=x", "train.steps=5"])
     assert launcher == ["job.nodes=2"]
     assert trainer == ["train.steps=5"]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ({"image": None}, "job.image=ghcr.io/bagel-platform/bagel-train:0.1.0"),
+        ({"namespace": None}, "job.namespace=default"),
+        ({"scheduling": {"priority_class": None}}, "job.scheduling.priority_class=''"),
+        ({"storage_env": {"AWS_ENDPOINT_URL": None}}, "job.storage_env.AWS_ENDPOINT_URL=VALUE"),
+    ],
+)
+def test_string_without_value_message(override, expected):
+    # `job.image=` on the command line parses to None.
+    with pytest.raises(ConfigError) as raised:
+        job_config_from_dict(override)
+    message = str(raised.value)
+    assert "has no value" in message
+    assert expected in message
+
+
+def test_dump_yaml_writes_no_aliases():
+    import io
+
+    from bagel.platform.jobs.yaml_out import dump_yaml
+
+    job = job_config_from_dict(JOB_SECTIONS["multi-node-kueue"])
+    trainjob = build_trainjob(job, STAGE_RUN, 60)
+    assert "&id" in yaml.safe_dump(trainjob, sort_keys=False)  # the builder shares the labels dict
+
+    stream = io.StringIO()
+    assert dump_yaml(trainjob, stream) is None
+    text = stream.getvalue()
+    assert "&id" not in text
+    assert "*id" not in text
+    assert yaml.safe_load(text) == trainjob
+    assert list(yaml.safe_load(text)) == list(trainjob)
+    assert dump_yaml(trainjob) == text

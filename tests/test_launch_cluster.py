@@ -461,10 +461,10 @@ def test_interrupt_deletes_job(standin):
     assert remaining_pods(standin, "ctrl-c") == []
 
 
-def test_cli_sigterm_deletes_job(standin, tmp_path):
+def test_cli_sigterm_deletes_job(standin, tmp_path, write_stage_config):
     """Pipeline cancellation stops the launcher's pod with SIGTERM: `bagel launch` must delete its job."""
     config = tmp_path / "stage.yaml"
-    config.write_text(yaml.safe_dump({"run": {"name": "cancelled", "stage": "sft", "storage": "s3://bucket/x"}, "job": {"namespace": NAMESPACE}}))
+    write_stage_config(config, run={"name": "cancelled", "stage": "sft", "storage": "s3://bucket/x"}, job={"namespace": NAMESPACE})
     # The driver's view of the same job (the launcher in the subprocess builds its own from the file).
     plan = StagePlan(stage_run=StageRun(str(config), "cancelled", "sft", "s3://bucket/x"), job=make_plan().job, grace_period_s=60)
 

@@ -66,17 +66,14 @@ if rank == 0:
 
 
 @pytest.fixture
-def stage(tmp_path):
+def stage(tmp_path, write_stage_config):
     script = tmp_path / "standin_train.py"
     script.write_text(STANDIN_TRAIN)
     config = tmp_path / "stage.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "run": {"name": "local-run", "stage": "pretrain", "storage": f"file://{tmp_path}/store"},
-                "job": {"retry": {"max_submissions": 3, "backoff_s": 0.0}, "grace_period_s": 20},
-            }
-        )
+    write_stage_config(
+        config,
+        run={"name": "local-run", "stage": "pretrain", "storage": f"file://{tmp_path}/store"},
+        job={"retry": {"max_submissions": 3, "backoff_s": 0.0}, "grace_period_s": 20},
     )
     return tmp_path, script, config
 
@@ -159,13 +156,47 @@ def test_real_trainer_resumes(tmp_path):
 def test_cli_dry_run_prints_valid_job(stage):
     _, _, config = stage
     completed = subprocess.run(
-        [sys.executable, "-m", "bagel.platform", "launch", "--config", str(config), "--dry-run", "job.nodes=2", "job.kind=PyTorchJob"],
+        [
+            sys.executable, "-m", "bagel.platform", "launch", "--config", str(config), "--storage", "s3://bucket/prefix",
+            "--dry-run", "job.nodes=2", "job.kind=PyTorchJob",
+        ],
         capture_output=True, text=True, timeout=120,
     )
     assert completed.returncode == 0, completed.stderr
     job = yaml.safe_load(completed.stdout)
     assert job["kind"] == "PyTorchJob"
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["job.nodes=4", "job.gpus_per_node=6", "parallel.dp_shard=8"], "world size 24"),
+        (["parallel.tp=3", "job.procs_per_node=2"], "does not divide"),
+        (["paralel.tp=2"], "unknown key paralel"),
+    ],
+)
+def test_cli_checks_stage_config_before_submitting(stage, overrides, expected):
+    """Mistakes the trainer would find in every pod fail at submission, before the cluster allocates nodes."""
+    _, _, config = stage
+    completed = subprocess.run(
+        [sys.executable, "-m", "bagel.platform", "launch", "--config", str(config), "--storage", "s3://bucket/prefix",
+         "--dry-run", *overrides],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == ExitCode.USAGE_ERROR
+    assert expected in completed.stderr
+
+
+def test_cli_refuses_local_storage_on_kubernetes(stage):
+    _, _, config = stage
+    completed = subprocess.run(
+        [sys.executable, "-m", "bagel.platform", "launch", "--config", str(config), "--dry-run"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == ExitCode.USAGE_ERROR
+    assert "local path" in completed.stderr
+    assert "--storage s3://" in completed.stderr
 
 
 def test_cli_invalid_job_section(stage):

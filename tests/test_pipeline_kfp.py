@@ -200,6 +200,21 @@ def test_submit_sends_run_request():
     assert "kubernetes" in body["pipeline_spec"]["platform_spec"]["platforms"]
 
 
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["--storage", "s3://b/x", "parallel.tp=3"], "parallel degrees"),
+        (["--storage", "s3://b/x", "paralel.tp=2"], "unknown key paralel"),
+        (["--storage", "file:///tmp/bagel"], "local path"),
+    ],
+)
+def test_submit_checks_configs_before_creating_the_run(arguments, expected):
+    """A stage config that would fail in its pods is refused before any request reaches the KFP API."""
+    completed = bagel("submit", "--host", "http://127.0.0.1:9", "--run", "r", "--stages", "pretrain,sft", *arguments)
+    assert completed.returncode == 2
+    assert expected in completed.stderr
+
+
 def test_submit_rejects_unknown_stage():
     completed = bagel("submit", "--host", "http://127.0.0.1:9", "--run", "r", "--storage", "s3://b/x", "--stages", "pretrain,rlhf")
     assert completed.returncode == 2
@@ -207,7 +222,7 @@ def test_submit_rejects_unknown_stage():
 
 
 @pytest.mark.slow
-def test_local_run_chains_and_resumes(tmp_path):
+def test_local_run_chains_and_resumes(tmp_path, write_stage_config):
     train_script = tmp_path / "standin_train.py"
     train_script.write_text(STANDIN_TRAIN)
     ckpt_script = tmp_path / "standin_ckpt.py"
@@ -215,9 +230,7 @@ def test_local_run_chains_and_resumes(tmp_path):
     configs = tmp_path / "configs"
     configs.mkdir()
     for stage in ("alignment", "pretrain", "continued", "sft"):
-        (configs / f"{stage}.yaml").write_text(
-            yaml.safe_dump({"run": {"stage": stage}, "job": {"gpus_per_node": 0, "retry": {"backoff_s": 0.0}}})
-        )
+        write_stage_config(configs / f"{stage}.yaml", run={"stage": stage}, job={"gpus_per_node": 0, "retry": {"backoff_s": 0.0}})
     storage = f"file://{tmp_path}/store"
     env = {**os.environ, "BAGEL_LAUNCH_SCRIPT": str(train_script), "BAGEL_CLI_STANDIN": str(ckpt_script)}
     arguments = [

@@ -68,9 +68,20 @@ def preempt_step(specs: list[str], stage: str) -> int | None:
 
 def connect(kubeconfig: str | None, context: str | None, server: str | None):
     """Return a kubernetes ApiClient: --server, else the in-cluster service account, else the kubeconfig."""
-    import os
-
     from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
+
+    try:
+        return _connect(client, config, kubeconfig, context, server)
+    except ConfigException as error:
+        raise UsageError(
+            f"cannot load the Kubernetes configuration ({error}): pass --kubeconfig FILE and --context NAME, "
+            "or run inside the cluster"
+        ) from None
+
+
+def _connect(client, config, kubeconfig: str | None, context: str | None, server: str | None):
+    import os
 
     if server:
         configuration = client.Configuration()
@@ -87,13 +98,15 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 
 
 def run_launch(args: argparse.Namespace) -> int:
-    import yaml
-
-    from bagel.platform.jobs.build import plan_stage
+    from bagel.platform.jobs.build import check_cluster_storage, plan_stage
+    from bagel.platform.jobs.yaml_out import dump_yaml
     from bagel.platform.jobs.validate import ValidationError, validate_object
 
     try:
-        plan = plan_stage(args.config, args.overrides, args.run, args.storage, args.init_from, args.stage)
+        world_size = args.nproc_per_node if args.backend == "local" else None
+        plan = plan_stage(args.config, args.overrides, args.run, args.storage, args.init_from, args.stage, world_size)
+        if args.backend == "kubernetes":
+            check_cluster_storage(plan.stage_run.storage)
         preempt = preempt_step(args.preempt, plan.stage_run.stage)
         job_object = plan.job_object()
         validate_object(job_object)
@@ -105,7 +118,7 @@ def run_launch(args: argparse.Namespace) -> int:
         return ExitCode.FAILURE
 
     if args.dry_run:
-        yaml.safe_dump(job_object, sys.stdout, sort_keys=False)
+        dump_yaml(job_object, sys.stdout)
         return ExitCode.SUCCESS
 
     # Pipeline cancellation stops the step's pod with SIGTERM: treat it like Ctrl-C.

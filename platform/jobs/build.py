@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bagel.platform.config import ConfigError, load_config_dict
+from bagel.platform.config import ConfigError, build_run_config, load_config_dict
 from bagel.platform.jobs.config import JobConfig, job_config_from_dict
 from bagel.platform.jobs.pod import StageRun
 from bagel.platform.jobs.pytorchjob import build_pytorchjob
@@ -43,6 +43,39 @@ def split_overrides(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], 
     return launcher, trainer
 
 
+def check_cluster_storage(storage: str) -> None:
+    """Raise ConfigError when `storage` is a local path: in a pod it is the pod's own disk, lost when the pod ends."""
+    if storage.startswith("file://") or "://" not in storage:
+        raise ConfigError(
+            f"run.storage={storage} is a local path, which on Kubernetes is the pod's own disk: checkpoints and "
+            "logs would be lost when the pod ends. Pass --storage s3://BUCKET/PREFIX (or set run.storage)"
+        )
+
+
+def check_stage_config(mapping: dict[str, Any], job: JobConfig, world_size: int | None = None) -> None:
+    """Run the trainer's own config checks and match the parallel degrees to the processes that will run.
+
+    `world_size` is the number of training processes; None means a cluster
+    job's `job.nodes * job.procs`. A misspelled key or degrees that do not fit
+    would otherwise fail in every pod, after the cluster has given the job its
+    nodes. Raises ConfigError (a UsageError, exit code 2).
+    """
+    config = build_run_config(mapping)
+    config.validate()
+    if world_size is not None:
+        where = f"{world_size} local processes"
+    else:
+        world_size = job.nodes * job.procs
+        where = (
+            f"job.nodes={job.nodes} x {job.procs} processes per node = {world_size}; processes per node are "
+            f"job.procs_per_node, else job.gpus_per_node={job.gpus_per_node}"
+        )
+    try:
+        config.parallel.resolve(world_size)
+    except ConfigError as error:
+        raise ConfigError(f"{error} (the job runs {where})") from None
+
+
 def plan_stage(
     config: str,
     overrides: list[str] | tuple[str, ...] = (),
@@ -50,12 +83,15 @@ def plan_stage(
     storage: str | None = None,
     init_from: str | None = None,
     stage: str | None = None,
+    world_size: int | None = None,
 ) -> StagePlan:
     """Load the stage config with its overrides and return the plan of its job.
 
     `run`, `storage`, `init_from` and `stage` replace the config's run section
-    when given. Raises ConfigError (a UsageError) on an invalid job section or
-    a missing run identity.
+    when given. `world_size` is the number of training processes when the
+    stage runs on this machine (None: a cluster job of `job.nodes *
+    job.procs`). Raises ConfigError (a UsageError) on an invalid config,
+    parallel degrees that do not fit, or a missing run identity.
     """
     mapping = load_config_dict(config, list(overrides))
     run_section = dict(mapping.get("run") or {})
@@ -66,6 +102,7 @@ def plan_stage(
         if not run_section.get(key):
             raise ConfigError(f"run.{key} is not set: pass --{'run' if key == 'name' else key} or set it in the config")
     job = job_config_from_dict(mapping.get("job"))
+    check_stage_config({**mapping, "run": run_section}, job, world_size)
     _, trainer_overrides = split_overrides(overrides)
     try:
         stage_run = StageRun(

@@ -68,7 +68,13 @@ class SchedulingConfig:
     """Seconds the gang scheduler waits for the whole pod group before giving up."""
 
     priority_class: str = ""
-    """PriorityClass of the pods ("" for the cluster default); the chart creates bagel-training and bagel-low."""
+    """PriorityClass of the pods ("" for the cluster default); the chart creates bagel-training and bagel-low.
+
+    Only PyTorchJob pods get it. A TrainJob's pods take the priorityClassName
+    of the ClusterTrainingRuntime, which the chart sets from
+    `runtime.priorityClassName`: use a runtime with another PriorityClass
+    (job.runtime) to change it.
+    """
 
     pending_timeout_s: float = 900.0
     """Seconds `bagel launch` waits for all pods to be scheduled before it calls the job unschedulable."""
@@ -79,7 +85,13 @@ class RetryConfig:
     """How often a stage is restarted, in place by the job controller and by resubmission from `bagel launch`."""
 
     max_restarts: int = 3
-    """In-place restarts of the whole job after ordinary failures (crash, OOM); preemption restarts are not counted."""
+    """In-place restarts of the whole job after ordinary failures (crash, OOM); preemption restarts are not counted.
+
+    It does not reach a cluster's jobs. A TrainJob restarts up to the
+    `maxRestarts` of its ClusterTrainingRuntime (the chart's
+    `runtime.maxRestarts`). A PyTorchJob carries it as `runPolicy.backoffLimit`,
+    which the operator does not apply to `restartPolicy: ExitCode` pods.
+    """
 
     max_submissions: int = 5
     """Submissions of the job by `bagel launch` (the first one included) after preemption or unschedulability."""

@@ -11,6 +11,7 @@ from bagel.platform.exit_codes import ExitCode
 from bagel.platform.jobs.build import plan_stage, split_overrides
 from bagel.platform.jobs.config import job_config_from_dict
 from bagel.platform.jobs.pod import StageRun, job_name
+from bagel.platform.jobs.pod import env as pod_env
 from bagel.platform.jobs.pytorchjob import build_pytorchjob
 from bagel.platform.jobs.trainjob import DIVERGED_MESSAGE, USER_ERROR_MESSAGE, build_cluster_training_runtime, build_trainjob
 from bagel.platform.jobs.validate import ValidationError, validate_object
@@ -310,3 +311,13 @@ def test_dump_yaml_writes_no_aliases():
     assert yaml.safe_load(text) == trainjob
     assert list(yaml.safe_load(text)) == list(trainjob)
     assert dump_yaml(trainjob) == text
+
+
+def test_data_root_reaches_the_pods(tmp_path, write_stage_config, monkeypatch):
+    """BAGEL_DATA_ROOT set where the launcher resolves the config is set in the pods too; job.env wins."""
+    config = write_stage_config(tmp_path / "stage.yaml", run={"name": "r", "stage": "pretrain", "storage": "s3://b/x"})
+    monkeypatch.setenv("BAGEL_DATA_ROOT", "s3://my-data/demo")
+    env = {item["name"]: item.get("value") for item in pod_env(plan_stage(config).job)}
+    assert env["BAGEL_DATA_ROOT"] == "s3://my-data/demo"
+    explicit = plan_stage(config, ["job.env.BAGEL_DATA_ROOT=s3://other/data"]).job
+    assert {item["name"]: item.get("value") for item in pod_env(explicit)}["BAGEL_DATA_ROOT"] == "s3://other/data"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,23 @@ def split_overrides(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], 
         elif not key.startswith("run."):
             trainer.append(item)
     return launcher, trainer
+
+
+# Variables that the packaged configs interpolate (`${oc.env:...}`). The launcher
+# resolves the config with its own environment, so the pods must see the same values.
+FORWARDED_ENV = ("BAGEL_DATA_ROOT",)
+
+
+def _with_forwarded_env(job_section: dict[str, Any] | None) -> dict[str, Any]:
+    """Return the job section with each FORWARDED_ENV variable set here added to `job.env`, unless it sets its own."""
+    section = dict(job_section or {})
+    env = dict(section.get("env") or {})
+    for name in FORWARDED_ENV:
+        if name in os.environ and name not in env:
+            env[name] = os.environ[name]
+    if env:
+        section["env"] = env
+    return section
 
 
 def check_cluster_storage(storage: str) -> None:
@@ -101,7 +119,7 @@ def plan_stage(
     for key in ("name", "stage", "storage"):
         if not run_section.get(key):
             raise ConfigError(f"run.{key} is not set: pass --{'run' if key == 'name' else key} or set it in the config")
-    job = job_config_from_dict(mapping.get("job"))
+    job = job_config_from_dict(_with_forwarded_env(mapping.get("job")))
     check_stage_config({**mapping, "run": run_section}, job, world_size)
     _, trainer_overrides = split_overrides(overrides)
     try:

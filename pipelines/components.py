@@ -20,10 +20,12 @@ from typing import NamedTuple
 from kfp import dsl
 
 # The image of the pipeline steps; `bagel pipeline compile --image` replaces it.
+# It contains kfp (a dependency of this package), so the steps do not
+# `pip install kfp` at start, which would fail on a cluster without internet.
 DEFAULT_IMAGE = "ghcr.io/bagel-platform/bagel-train:0.1.0"
 
 
-@dsl.component(base_image=DEFAULT_IMAGE)
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def train_stage(
     stage: str,
     configs: str,
@@ -111,7 +113,7 @@ def train_stage(
     return "trained"
 
 
-@dsl.component(base_image=DEFAULT_IMAGE)
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def promote_stage(
     stage: str,
     configs: str,

@@ -21,6 +21,10 @@ STAGES = ("alignment", "pretrain", "continued", "sft")
 PIPELINE_NAME = "bagel-training"
 # Launcher steps only wait and stream logs; they must outlive the longest stage.
 STEP_TIMEOUT_S = 30 * 24 * 3600
+# Scheduling requests of a launcher step: one Python process that imports the
+# package and streams logs (an estimate; the promote step may use more).
+STEP_CPU_REQUEST = "500m"
+STEP_MEMORY_REQUEST = "1G"
 
 
 class PipelineOutput(NamedTuple):
@@ -42,6 +46,10 @@ def _configure_step(task: Any, storage_secret: str, step_node_selector: dict[str
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     kubernetes.add_pod_label(task, label_key="app.kubernetes.io/name", label_value="bagel-platform")
     kubernetes.set_timeout(task, seconds=STEP_TIMEOUT_S)
+    # Requests only: a promote step of a 7B checkpoint may need far more memory
+    # than a launch step, and a limit would turn that into an OOM kill.
+    task.set_cpu_request(STEP_CPU_REQUEST)
+    task.set_memory_request(STEP_MEMORY_REQUEST)
 
 
 def build_pipeline(
@@ -124,7 +132,7 @@ def build_pipeline(
 
 def _with_image(component: Any, image: str) -> Any:
     """Return the same lightweight component built to run in `image`."""
-    return dsl.component(base_image=image)(component.python_func)
+    return dsl.component(base_image=image, install_kfp_package=False)(component.python_func)
 
 
 def compile_pipeline(path: str, image: str = DEFAULT_IMAGE, storage_secret: str = "bagel-storage") -> None:

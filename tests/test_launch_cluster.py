@@ -31,7 +31,7 @@ from bagel.platform.launch.standin import KubeStandIn
 pytestmark = pytest.mark.timeout(120)
 
 NAMESPACE = "bagel"
-FAST = ClusterOptions(watch_timeout_s=2, poll_interval_s=0.2, cleanup_timeout_s=10)
+FAST = ClusterOptions(watch_timeout_s=2, poll_interval_s=0.2, cleanup_timeout_s=10, restart_grace_s=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -277,6 +277,52 @@ def test_preemption_mid_run_resubmits(standin):
     assert first["spec"]["trainer"]["args"] == second["spec"]["trainer"]["args"]
     assert "step 7 loss 3.0" in output
     assert remaining_pods(standin, "preempt") == []
+
+
+def delete_pods(driver: ClusterDriver, names: list[str]) -> None:
+    for name in names:
+        driver.core.delete_namespaced_pod(name, NAMESPACE)
+
+
+def test_in_place_restart_is_not_resubmitted(standin):
+    """The JobSet deletes every pod and creates new ones after a preemption: the launcher waits and follows them."""
+    plan = make_plan(run="in-place")
+
+    def scenario(driver, job, submission):
+        pods = driver.create_pods(job, submission)
+        driver.run_pods(pods)
+        driver.log(pods[0], "step 3 loss 4.0")
+        time.sleep(0.3)
+        driver.end_logs(pods)
+        delete_pods(driver, pods)
+        time.sleep(0.5)  # shorter than restart_grace_s
+        run_to_success(driver, job, submission + 10)  # new pod names, as a JobSet restart gives
+
+    with ClusterDriver(standin, plan, scenario) as driver:
+        _, result, output = launch(standin, plan)
+    assert result.outcome is Outcome.SUCCEEDED
+    assert result.submissions == 1
+    assert len(driver.jobs_seen) == 1
+    assert "step 3 loss 4.0" in output
+    assert "step 2 loss 4.0" in output  # the restarted pods' log is followed too
+
+
+def test_pods_lost_after_grace_resubmits(standin):
+    plan = make_plan(run="pods-lost", retry={"max_submissions": 2, "backoff_s": 0.0})
+
+    def scenario(driver, job, submission):
+        if submission > 1:
+            return run_to_success(driver, job, submission)
+        pods = driver.create_pods(job, submission)
+        driver.run_pods(pods)
+        time.sleep(0.3)
+        driver.end_logs(pods)
+        delete_pods(driver, pods)
+
+    with ClusterDriver(standin, plan, scenario) as driver:
+        _, result, _ = launch(standin, plan)
+    assert result.outcome is Outcome.SUCCEEDED
+    assert result.submissions == 2
 
 
 def test_preemption_budget_spent(standin):

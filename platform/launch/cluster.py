@@ -63,6 +63,15 @@ class ClusterOptions:
     stream_logs: bool = True
     """Print the rank-0 pod's log lines."""
 
+    restart_grace_s: float = 120.0
+    """Seconds to wait for new pods after every pod of an active job is gone, before calling it PodsLost.
+
+    The job's own controller restarts it in place after a preemption (a TrainJob's
+    JobSet deletes every pod, then creates new ones; a PyTorchJob recreates pods
+    after a signal exit). Without the wait, the launcher would resubmit a job that
+    is already restarting.
+    """
+
 
 class JobConflictError(UsageError):
     """A job with the launcher's name exists but belongs to another run or stage; it is left alone."""
@@ -159,6 +168,7 @@ class ClusterLauncher:
         assert self._watch is not None
         pending_since = time.monotonic()
         was_running = False
+        pods_gone_since: float | None = None
         while True:
             pods = self._pods()
             phase = job_phase(job)
@@ -181,8 +191,22 @@ class ClusterLauncher:
             if phase == "suspended" and was_running:
                 return LaunchResult(Outcome.PREEMPTED, "KueueEvicted", self._eviction_message(job))
             if was_running and not pods:
-                # Every pod vanished without a terminal condition: node loss or an external deletion.
-                return LaunchResult(Outcome.PREEMPTED, "PodsLost", "every pod of the running job disappeared")
+                # Every pod vanished without a terminal condition: the job restarting in place, a node
+                # loss or an external deletion. Only a wait tells the first from the others.
+                if pods_gone_since is None:
+                    pods_gone_since = time.monotonic()
+                    logger.info(
+                        "every pod of %s is gone while the job is active; waiting up to %.0f s for its restart",
+                        self.name, self.options.restart_grace_s,
+                    )
+                elif time.monotonic() - pods_gone_since > self.options.restart_grace_s:
+                    return LaunchResult(
+                        Outcome.PREEMPTED, "PodsLost",
+                        f"every pod of the running job disappeared and none came back within {self.options.restart_grace_s:.0f} s",
+                    )
+            elif pods_gone_since is not None and pods:
+                logger.info("%s restarted in place with %d new pods", self.name, len(pods))
+                pods_gone_since = None
 
             waiting = not was_running and (not pods or all(is_pod_pending(p) for p in pods))
             if waiting:

@@ -111,6 +111,14 @@ class ClusterDriver:
         self.pods_created.extend(names)
         return names
 
+    def start(self, job: dict, submission: int, *rank0_lines: str) -> list[str]:
+        """Create the job's pods, set them running, give rank 0 these log lines, and return the pod names."""
+        pods = self.create_pods(job, submission)
+        self.run_pods(pods)
+        if rank0_lines:
+            self.log(pods[0], *rank0_lines)
+        return pods
+
     def set_pod(self, name: str, status: dict) -> None:
         self.core.patch_namespaced_pod_status(name, NAMESPACE, {"status": status})
 
@@ -289,9 +297,7 @@ def test_in_place_restart_is_not_resubmitted(standin):
     plan = make_plan(run="in-place")
 
     def scenario(driver, job, submission):
-        pods = driver.create_pods(job, submission)
-        driver.run_pods(pods)
-        driver.log(pods[0], "step 3 loss 4.0")
+        pods = driver.start(job, submission, "step 3 loss 4.0")
         time.sleep(0.3)
         driver.end_logs(pods)
         delete_pods(driver, pods)
@@ -313,8 +319,7 @@ def test_pods_lost_after_grace_resubmits(standin):
     def scenario(driver, job, submission):
         if submission > 1:
             return run_to_success(driver, job, submission)
-        pods = driver.create_pods(job, submission)
-        driver.run_pods(pods)
+        pods = driver.start(job, submission)
         time.sleep(0.3)
         driver.end_logs(pods)
         delete_pods(driver, pods)
@@ -350,9 +355,7 @@ def test_user_error_fails_fast(standin):
     plan = make_plan(run="user-error")
 
     def scenario(driver, job, submission):
-        pods = driver.create_pods(job, submission)
-        driver.run_pods(pods)
-        driver.log(pods[0], "ConfigError: unknown key optim.lrr in OptimConfig")
+        pods = driver.start(job, submission, "ConfigError: unknown key optim.lrr in OptimConfig")
         time.sleep(0.2)
         for name in pods:
             driver.terminate(name, 2)

@@ -66,9 +66,9 @@ class ClusterOptions:
     restart_grace_s: float = 120.0
     """Seconds to wait for new pods after every pod of an active job is gone, before calling it PodsLost.
 
-    The job's own controller restarts it in place after a preemption (a TrainJob's
-    JobSet deletes every pod, then creates new ones; a PyTorchJob recreates pods
-    after a signal exit). Without the wait, the launcher would resubmit a job that
+    The job's own controller restarts it in place after a preemption. A TrainJob's
+    JobSet deletes every pod, then creates new ones. A PyTorchJob recreates pods
+    after a signal exit. Without the wait, the launcher would resubmit a job that
     is already restarting.
     """
 
@@ -192,7 +192,7 @@ class ClusterLauncher:
                 return LaunchResult(Outcome.PREEMPTED, "KueueEvicted", self._eviction_message(job))
             if was_running and not pods:
                 # Every pod vanished without a terminal condition: the job restarting in place, a node
-                # loss or an external deletion. Only a wait tells the first from the others.
+                # loss or an external deletion. Only new pods within the grace period show a restart.
                 if pods_gone_since is None:
                     pods_gone_since = time.monotonic()
                     logger.info(

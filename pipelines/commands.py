@@ -81,6 +81,14 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="node label of the pipeline's own step pods (CPU only; repeatable)",
     )
+    parser.add_argument(
+        "--step-env",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="environment variable of the pipeline's own step pods, e.g. AWS_ENDPOINT_URL=https://s3.example.com "
+        "or BAGEL_DATA_ROOT=s3://bucket/data, which launch steps also pass on to the training pods (repeatable)",
+    )
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -128,13 +136,20 @@ def _build(args: argparse.Namespace):
     from bagel.pipelines.components import DEFAULT_IMAGE
     from bagel.pipelines.pipeline import build_pipeline
 
-    selector = {}
-    for item in args.step_node_selector:
+    selector = _key_values(args.step_node_selector, "--step-node-selector", "pool=cpu")
+    step_env = _key_values(args.step_env, "--step-env", "AWS_ENDPOINT_URL=https://s3.example.com")
+    return build_pipeline(args.image or DEFAULT_IMAGE, args.storage_secret, selector, step_env)
+
+
+def _key_values(items: list[str], option: str, example: str) -> dict[str, str]:
+    """Parse repeated KEY=VALUE options; raises ValueError naming the option and an example."""
+    parsed = {}
+    for item in items:
         key, separator, value = item.partition("=")
         if not separator or not key:
-            raise ValueError(f"--step-node-selector {item!r} is invalid: write KEY=VALUE, e.g. pool=cpu")
-        selector[key] = value
-    return build_pipeline(args.image or DEFAULT_IMAGE, args.storage_secret, selector)
+            raise ValueError(f"{option} {item!r} is invalid: write KEY=VALUE, e.g. {example}")
+        parsed[key] = value
+    return parsed
 
 
 def run_compile(args: argparse.Namespace) -> int:

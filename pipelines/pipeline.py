@@ -32,8 +32,8 @@ class PipelineOutput(NamedTuple):
     digest: str
 
 
-def _configure_step(task: Any, storage_secret: str, step_node_selector: dict[str, str]) -> None:
-    """Apply the Kubernetes settings of a launcher step: storage credentials, namespace, placement, labels."""
+def _configure_step(task: Any, storage_secret: str, step_node_selector: dict[str, str], step_env: dict[str, str]) -> None:
+    """Apply the Kubernetes settings of a launcher step: storage credentials, environment, namespace, placement, labels."""
     if storage_secret:
         kubernetes.use_secret_as_env(
             task,
@@ -42,6 +42,8 @@ def _configure_step(task: Any, storage_secret: str, step_node_selector: dict[str
             optional=True,
         )
     kubernetes.use_field_path_as_env(task, env_name="BAGEL_POD_NAMESPACE", field_path="metadata.namespace")
+    for name, value in sorted(step_env.items()):
+        task.set_env_variable(name, value)
     for key, value in step_node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     kubernetes.add_pod_label(task, label_key="app.kubernetes.io/name", label_value="bagel-platform")
@@ -56,14 +58,20 @@ def build_pipeline(
     image: str = DEFAULT_IMAGE,
     storage_secret: str = "bagel-storage",
     step_node_selector: Optional[dict[str, str]] = None,
+    step_env: Optional[dict[str, str]] = None,
 ) -> Callable:
-    """Return the pipeline function; `image` is the step image, `storage_secret` the credentials Secret ("" for none)."""
+    """Return the pipeline function; `image` is the step image, `storage_secret` the credentials Secret ("" for none).
+
+    `step_env` sets environment variables of the pipeline's own steps (an S3
+    endpoint, `BAGEL_DATA_ROOT`), fixed when the pipeline is compiled.
+    """
     train = train_stage
     promote = promote_stage
     if image != DEFAULT_IMAGE:
         train = _with_image(train_stage, image)
         promote = _with_image(promote_stage, image)
     selector = dict(step_node_selector or {})
+    environment = dict(step_env or {})
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -107,7 +115,7 @@ def build_pipeline(
             )
             trained.set_display_name(f"train {stage}")
             trained.set_caching_options(enable_caching=False)
-            _configure_step(trained, storage_secret, selector)
+            _configure_step(trained, storage_secret, selector, environment)
 
             promoted = promote(
                 stage=stage,
@@ -122,7 +130,7 @@ def build_pipeline(
             )
             promoted.set_display_name(f"promote {stage}")
             promoted.set_caching_options(enable_caching=True)
-            _configure_step(promoted, storage_secret, selector)
+            _configure_step(promoted, storage_secret, selector, environment)
             pointer_uri = promoted.outputs["uri"]
             pointer_digest = promoted.outputs["digest"]
         return PipelineOutput(uri=pointer_uri, digest=pointer_digest)

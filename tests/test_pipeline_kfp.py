@@ -102,7 +102,8 @@ def test_compile_writes_valid_ir(tmp_path):
 
     output = tmp_path / "pipeline.yaml"
     completed = bagel(
-        "pipeline", "compile", "--output", str(output), "--image", "registry.example/bagel:1", "--step-node-selector", "pool=cpu"
+        "pipeline", "compile", "--output", str(output), "--image", "registry.example/bagel:1", "--step-node-selector", "pool=cpu",
+        "--step-env", "AWS_ENDPOINT_URL=https://s3.example.com", "--step-env", "BAGEL_DATA_ROOT=s3://bucket/data",
     )
     assert completed.returncode == 0, completed.stderr
     documents, spec, platform = load_ir(output)
@@ -118,8 +119,14 @@ def test_compile_writes_valid_ir(tmp_path):
     parameters = spec.root.input_definitions.parameters
     for name in ("run_name", "storage", "configs", "image", "node_pool", "run_alignment", "run_sft"):
         assert name in parameters
-    images = {e["container"]["image"] for e in documents[0]["deploymentSpec"]["executors"].values()}
-    assert images == {"registry.example/bagel:1"}
+    containers = [e["container"] for e in documents[0]["deploymentSpec"]["executors"].values()]
+    assert {c["image"] for c in containers} == {"registry.example/bagel:1"}
+    for container in containers:
+        env = {item["name"]: item["value"] for item in container["env"]}
+        assert env == {"AWS_ENDPOINT_URL": "https://s3.example.com", "BAGEL_DATA_ROOT": "s3://bucket/data"}
+        # The step image has kfp already: no pip install at start-up.
+        assert "pip install" not in " ".join(container["command"])
+        assert container["resources"]["cpuRequest"] == 0.5
     executors = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert len(executors) == 8
     for executor in executors.values():

@@ -174,12 +174,12 @@ def check_stage_configs(args: argparse.Namespace, stages: list[str]) -> None:
     be checked here; it is skipped with a warning. Raises UsageError.
     """
     from bagel.platform.config import ConfigError, config_path
+    from bagel.pipelines.config_names import stage_config_name
     from bagel.platform.jobs.build import check_cluster_storage, plan_stage
 
     check_cluster_storage(args.storage)
     for stage in stages:
-        # The launch step's naming rule (pipelines/components.py): a path family or a packaged one.
-        name = f"{args.configs}/{stage}.yaml" if args.configs.startswith(("/", ".")) else f"{args.configs}/{stage}"
+        name = stage_config_name(args.configs, stage)
         try:
             config_path(name)
         except ConfigError:

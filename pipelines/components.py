@@ -62,11 +62,14 @@ def train_stage(
     import subprocess
     import sys
 
+    # Imported here: a lightweight component's body runs on its own in the step image, which has this package.
+    from bagel.pipelines.config_names import stage_config_name
+
     if not enabled:
         print(f"stage {stage} is disabled; skipping it")
         return "skipped"
 
-    config = f"{configs}/{stage}.yaml" if configs.startswith(("/", ".")) else f"{configs}/{stage}"
+    config = stage_config_name(configs, stage)
     # The same overrides reach find-promoted here and promote later, so both compute the same digest;
     # the launch-only job.* settings below stay out of it.
     extra = json.loads(overrides) if overrides else []
@@ -143,22 +146,21 @@ def promote_stage(
     import sys
     from collections import namedtuple
 
+    from bagel.pipelines.config_names import stage_config_name
+
     output = namedtuple("Pointer", ["uri", "digest"])
     if training == "skipped":
         return output(init_from, init_digest)
-
-    def config_of(name: str) -> str:
-        return f"{configs}/{name}.yaml" if configs.startswith(("/", ".")) else f"{configs}/{name}"
 
     extra = json.loads(overrides) if overrides else []
     standin = os.environ.get("BAGEL_CLI_STANDIN")
     bagel = [sys.executable, standin] if standin else [sys.executable, "-m", "bagel.platform"]
     if training == "reused":
-        command = [*bagel, "ckpt", "find-promoted", "--config", config_of(stage), "--storage", storage]
+        command = [*bagel, "ckpt", "find-promoted", "--config", stage_config_name(configs, stage), "--storage", storage]
     else:
-        command = [*bagel, "ckpt", "promote", "--config", config_of(stage), "--run", run_name, "--storage", storage]
+        command = [*bagel, "ckpt", "promote", "--config", stage_config_name(configs, stage), "--run", run_name, "--storage", storage]
         if next_stage:
-            command += ["--next-config", config_of(next_stage)]
+            command += ["--next-config", stage_config_name(configs, next_stage)]
     init_override = [f"run.init_from={init_from}"] if init_from else []
     completed = subprocess.run([*command, *init_override, *extra], capture_output=True, text=True)
     if completed.returncode != 0:
